@@ -1,0 +1,1222 @@
+//! The managed ledger: one topic partition's ordered, append-only log of
+//! entries, stored as segment files under one directory, with durable
+//! cursors.
+//!
+//! Concurrency model: a single writer task per ledger owns every mutation
+//! (appends, rollover, trims, retention). Appends queue on a bounded
+//! channel; the writer takes everything queued, writes it with one `write`
+//! and — under [`FsyncPolicy::Group`] — one `fdatasync`, then publishes the
+//! new end offset on a `watch` channel and completes the appends. Readers
+//! never take the writer's path: they look up a segment under a short read
+//! lock and read with positional I/O on a blocking thread, seeing only what
+//! the writer has published as durable.
+
+mod cursor;
+mod segment;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+pub use cursor::{Cursor, InitialPosition, RangeSet};
+pub use segment::{Entry, ENTRY_OVERHEAD};
+
+use crate::error::{BrokerError, Result};
+use crate::message::EntryFormat;
+use crate::topic::{FsyncPolicy, NamespacePolicy};
+use cursor::CursorSnapshot;
+use segment::{IndexPoint, Segment};
+
+/// Settings of one ledger that do not come from its namespace policy.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Largest payload of one entry.
+    pub max_entry_bytes: usize,
+    /// Depth of the append queue (appends beyond it wait).
+    pub queue_depth: usize,
+    /// Most bytes the writer takes in one group commit.
+    pub max_batch_bytes: usize,
+    /// Size of the shared in-flight memory budget, in KiB units (an append
+    /// of `n` bytes holds `n / 1024 + 1` units, at most this many).
+    pub budget_units: u32,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            max_entry_bytes: 16 * 1024 * 1024,
+            queue_depth: 1024,
+            max_batch_bytes: 8 * 1024 * 1024,
+            budget_units: 256 * 1024,
+        }
+    }
+}
+
+/// One entry to append.
+#[derive(Debug, Clone)]
+pub struct AppendEntry {
+    /// Encoding of `payload`.
+    pub format: EntryFormat,
+    /// Number of messages in the entry; offsets `base..base + count` are
+    /// assigned to it. Must be at least 1.
+    pub count: u32,
+    /// Timestamp of the first message (ms since the epoch).
+    pub first_timestamp: i64,
+    /// Largest timestamp of the entry's messages.
+    pub max_timestamp: i64,
+    /// The bytes to store.
+    pub payload: Bytes,
+}
+
+/// Where an appended entry landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the entry's first message.
+    pub base_offset: u64,
+    /// Number of messages (the entry covers `base_offset..base_offset + count`).
+    pub count: u32,
+}
+
+/// Point-in-time numbers of a ledger.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerStats {
+    pub start_offset: u64,
+    pub end_offset: u64,
+    pub size_bytes: u64,
+    pub segments: usize,
+}
+
+/// Backlog of a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages not yet acknowledged.
+    pub messages: u64,
+    /// Bytes stored from the mark-delete position to the end (entry
+    /// granularity: an estimate from the sparse index).
+    pub bytes: u64,
+}
+
+enum Command {
+    Append {
+        entry: AppendEntry,
+        reply: oneshot::Sender<Result<Appended>>,
+    },
+    Trim {
+        before: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Retention {
+        policy: NamespacePolicy,
+        min_cursor: Option<u64>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    SetPolicy(NamespacePolicy),
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A managed ledger. Shared as `Arc<Ledger>`.
+#[derive(Debug)]
+pub struct Ledger {
+    name: String,
+    dir: PathBuf,
+    options: LedgerOptions,
+    segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
+    start_offset: AtomicU64,
+    end_tx: watch::Sender<u64>,
+    tx: mpsc::Sender<Command>,
+    cursors: Mutex<HashMap<String, Arc<Cursor>>>,
+    /// Serializes writes of the cursor file; holds the last version written
+    /// per cursor.
+    cursor_persist: tokio::sync::Mutex<HashMap<String, u64>>,
+    cursors_removed: AtomicBool,
+    budget: Arc<Semaphore>,
+    closed: AtomicBool,
+}
+
+const CURSORS_FILE: &str = "cursors.json";
+const LEDGER_META_FILE: &str = "ledger.json";
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct LedgerMetaFile {
+    start_offset: u64,
+}
+
+/// Writes `data` to `path` crash-safely: temp file, fsync, rename, fsync of
+/// the directory.
+pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let res = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    res.map_err(|e| BrokerError::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| BrokerError::io(dir, e))
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger in `dir`, recovering its last
+    /// consistent state: sealed segments are trusted (their index files are
+    /// reloaded or rebuilt), the last segment is scanned and a torn or
+    /// corrupt tail is truncated and logged. Cursors are reloaded.
+    ///
+    /// Blocking; must be called on a Tokio runtime (it spawns the writer).
+    ///
+    /// # Errors
+    /// I/O errors on the directory, and unreadable cursor or ledger files.
+    pub fn open(
+        name: &str,
+        dir: &Path,
+        policy: NamespacePolicy,
+        options: LedgerOptions,
+        budget: Arc<Semaphore>,
+    ) -> Result<Arc<Ledger>> {
+        fs::create_dir_all(dir).map_err(|e| BrokerError::io(dir, e))?;
+        let meta: LedgerMetaFile = read_json(&dir.join(LEDGER_META_FILE))?.unwrap_or_default();
+        let mut bases: Vec<u64> = fs::read_dir(dir)
+            .map_err(|e| BrokerError::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| segment::parse_segment_name(&e.file_name().to_string_lossy()))
+            .collect();
+        bases.sort_unstable();
+        // Drop segments wholly below the persisted start (a trim that
+        // crashed before deleting them).
+        while bases.len() > 1 && bases[1] <= meta.start_offset {
+            Segment::remove_files(dir, bases[0]);
+            bases.remove(0);
+        }
+        let mut segments = BTreeMap::new();
+        let max_entry = options.max_entry_bytes;
+        let count = bases.len();
+        for (i, &base) in bases.iter().enumerate() {
+            let path = segment::segment_path(dir, base, "log");
+            let file = Segment::open_file(&path)?;
+            let size = file.metadata().map_err(|e| BrokerError::io(&path, e))?.len();
+            let last = i + 1 == count;
+            let (from, index) = match (last, Segment::load_index_files(dir, base, size)) {
+                (false, Some(idx)) if !idx.is_empty() => (*idx.last().unwrap_or(&idx[0]), idx),
+                _ => (
+                    IndexPoint {
+                        offset: base,
+                        pos: 0,
+                        max_ts_before: i64::MIN,
+                    },
+                    Vec::new(),
+                ),
+            };
+            let index_from_file = !index.is_empty();
+            let mut res = segment::scan(&file, from, index, max_entry)
+                .map_err(|e| BrokerError::io(&path, e))?;
+            if index_from_file && res.stopped.is_some() {
+                // The index did not match the data: rebuild from scratch.
+                res = segment::scan(
+                    &file,
+                    IndexPoint {
+                        offset: base,
+                        pos: 0,
+                        max_ts_before: i64::MIN,
+                    },
+                    Vec::new(),
+                    max_entry,
+                )
+                .map_err(|e| BrokerError::io(&path, e))?;
+            }
+            let next_base = bases.get(i + 1).copied();
+            if let Some(why) = res.stopped {
+                tracing::warn!(
+                    ledger = name,
+                    segment = %path.display(),
+                    valid_bytes = res.valid_size,
+                    file_bytes = size,
+                    reason = why,
+                    "truncating invalid segment tail"
+                );
+                file.set_len(res.valid_size)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| BrokerError::io(&path, e))?;
+                if next_base.is_some() {
+                    // A hole in the middle of the ledger: later segments
+                    // cannot be trusted to follow on. Keep the consistent
+                    // prefix only.
+                    for &b in &bases[i + 1..] {
+                        tracing::warn!(ledger = name, base = b, "dropping segment after a corrupt one");
+                        Segment::remove_files(dir, b);
+                    }
+                }
+            } else if let Some(nb) = next_base {
+                if nb != res.end_offset {
+                    tracing::warn!(ledger = name, base = nb, expected = res.end_offset,
+                        "segment does not follow its predecessor; dropping it and later ones");
+                    for &b in &bases[i + 1..] {
+                        Segment::remove_files(dir, b);
+                    }
+                }
+            }
+            let broken = res.stopped.is_some()
+                || next_base.is_some_and(|nb| nb != res.end_offset);
+            let seg = Segment::from_scan(base, path, file, res);
+            if !last || broken {
+                seg.write_index_files(dir)?;
+            }
+            segments.insert(base, Arc::new(seg));
+            if broken {
+                break;
+            }
+        }
+        if segments.is_empty() {
+            let seg = Segment::create(dir, meta.start_offset)?;
+            sync_dir(dir)?;
+            segments.insert(meta.start_offset, Arc::new(seg));
+        }
+        let first_base = *segments.keys().next().unwrap_or(&0);
+        let end = segments.values().next_back().map_or(0, |s| s.end());
+        let start = meta.start_offset.max(first_base).min(end);
+
+        let (tx, rx) = mpsc::channel(options.queue_depth.max(1));
+        let (end_tx, _) = watch::channel(end);
+        let cursors = load_cursors(&dir.join(CURSORS_FILE))?;
+        let ledger = Arc::new(Ledger {
+            name: name.to_owned(),
+            dir: dir.to_owned(),
+            options,
+            segments: RwLock::new(segments),
+            start_offset: AtomicU64::new(start),
+            end_tx,
+            tx,
+            cursor_persist: tokio::sync::Mutex::new(
+                cursors.iter().map(|(n, c)| (n.clone(), c.version())).collect(),
+            ),
+            cursors: Mutex::new(cursors),
+            cursors_removed: AtomicBool::new(false),
+            budget,
+            closed: AtomicBool::new(false),
+        });
+        let writer = Writer::new(ledger.clone(), policy)?;
+        tokio::spawn(writer.run(rx));
+        Ok(ledger)
+    }
+
+    /// The ledger's name (for logs).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// First offset that can be read.
+    pub fn start_offset(&self) -> u64 {
+        self.start_offset.load(Ordering::Acquire)
+    }
+
+    /// One past the last durable offset (the next offset to be assigned
+    /// once everything queued is written).
+    pub fn end_offset(&self) -> u64 {
+        *self.end_tx.borrow()
+    }
+
+    /// A receiver of the end offset, changed whenever new entries become
+    /// durable. Tailing readers wait on it.
+    pub fn watch_end(&self) -> watch::Receiver<u64> {
+        self.end_tx.subscribe()
+    }
+
+    /// Appends one entry; completes once it is durable under the
+    /// namespace's fsync policy.
+    ///
+    /// Back-pressure: waits for room in the broker's in-flight memory budget
+    /// and in the ledger's append queue.
+    ///
+    /// # Errors
+    /// [`BrokerError::EntryTooLarge`], [`BrokerError::InvalidArgument`] for
+    /// a zero count, [`BrokerError::Closed`], and I/O errors of the write
+    /// (the entry is then not stored).
+    pub async fn append(&self, entry: AppendEntry) -> Result<Appended> {
+        if entry.payload.len() > self.options.max_entry_bytes {
+            return Err(BrokerError::EntryTooLarge {
+                size: entry.payload.len(),
+                max: self.options.max_entry_bytes,
+            });
+        }
+        if entry.count == 0 {
+            return Err(BrokerError::InvalidArgument("entry with zero messages".into()));
+        }
+        let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
+        let _permit = self
+            .budget
+            .acquire_many(units)
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Append { entry, reply })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Reads entries from `from` until about `max_bytes` are collected
+    /// (always at least one entry if any exists at `from`). The first entry
+    /// returned is the one containing `from`, so its `base_offset` may be
+    /// below `from`. Returns an empty vector at the end of the ledger.
+    ///
+    /// # Errors
+    /// [`BrokerError::OffsetOutOfRange`] if `from` is below the start or
+    /// above the end; [`BrokerError::Corrupt`] if stored data fails its
+    /// checksum.
+    pub async fn read(self: &Arc<Self>, from: u64, max_bytes: usize) -> Result<Vec<Entry>> {
+        let start = self.start_offset();
+        let end = self.end_offset();
+        if from < start || from > end {
+            return Err(BrokerError::OffsetOutOfRange { offset: from, start, end });
+        }
+        if from == end {
+            return Ok(Vec::new());
+        }
+        let this = self.clone();
+        let entries = tokio::task::spawn_blocking(move || this.read_blocking(from, end, max_bytes))
+            .await
+            .map_err(|_| BrokerError::Closed)??;
+        metrics::counter!("manifold_ledger_reads_total").increment(1);
+        Ok(entries)
+    }
+
+    fn read_blocking(&self, from: u64, end: u64, max_bytes: usize) -> Result<Vec<Entry>> {
+        let segs: Vec<Arc<Segment>> = {
+            let map = self.segments.read().unwrap_or_else(|e| e.into_inner());
+            let first = map.range(..=from).next_back().map(|(&b, _)| b).unwrap_or(0);
+            map.range(first..).map(|(_, s)| s.clone()).collect()
+        };
+        let mut out = Vec::new();
+        let mut budget = max_bytes;
+        let mut offset = from;
+        for seg in segs {
+            if offset >= end || (budget == 0 && !out.is_empty()) {
+                break;
+            }
+            let limit = seg.size();
+            let seg_end = seg.end();
+            if offset >= seg_end {
+                continue;
+            }
+            // Find the entry containing `offset`, starting at the index floor.
+            let mut pos = seg.floor_pos(offset);
+            loop {
+                let Some(h) = seg.header_at(pos, limit)? else {
+                    break;
+                };
+                if h.base_offset + u64::from(h.count) > offset {
+                    break;
+                }
+                pos += h.frame_size();
+            }
+            let before = out.len();
+            let read = seg.read_entries(pos, limit, budget, self.options.max_entry_bytes, &mut out)?;
+            budget = budget.saturating_sub(read);
+            if let Some(last) = out.last() {
+                offset = last.end_offset();
+            }
+            if out.len() == before {
+                continue;
+            }
+        }
+        out.retain(|e| e.base_offset < end);
+        Ok(out)
+    }
+
+    /// Like [`Ledger::read`], but if `from` is at the end, waits up to
+    /// `timeout` for new entries (woken as soon as they are durable).
+    ///
+    /// # Errors
+    /// As [`Ledger::read`].
+    pub async fn read_or_wait(
+        self: &Arc<Self>,
+        from: u64,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Entry>> {
+        let mut rx = self.watch_end();
+        if *rx.borrow_and_update() <= from {
+            let waited = tokio::time::timeout(timeout, rx.wait_for(|&end| end > from)).await;
+            match waited {
+                Err(_) => return Ok(Vec::new()),
+                Ok(Err(_)) => return Err(BrokerError::Closed),
+                Ok(Ok(_)) => {}
+            }
+        }
+        self.read(from, max_bytes).await
+    }
+
+    /// The first offset whose entry has a timestamp at or after `ts`, or
+    /// `None` if every entry is older. Entry granularity: the offset
+    /// returned is the base offset of the first such entry.
+    ///
+    /// # Errors
+    /// I/O errors reading segment headers.
+    pub async fn find_offset_by_timestamp(self: &Arc<Self>, ts: i64) -> Result<Option<u64>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.find_by_ts_blocking(ts))
+            .await
+            .map_err(|_| BrokerError::Closed)?
+    }
+
+    fn find_by_ts_blocking(&self, ts: i64) -> Result<Option<u64>> {
+        let start = self.start_offset();
+        let segs: Vec<Arc<Segment>> = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for seg in segs {
+            if seg.max_timestamp.load(Ordering::Acquire) < ts {
+                continue;
+            }
+            let limit = seg.size();
+            let mut pos = seg.time_floor_pos(ts);
+            while let Some(h) = seg.header_at(pos, limit)? {
+                if h.max_timestamp >= ts && h.base_offset + u64::from(h.count) > start {
+                    return Ok(Some(h.base_offset.max(start)));
+                }
+                pos += h.frame_size();
+            }
+        }
+        Ok(None)
+    }
+
+    /// Moves the start offset forward to `before` (clamped to the end):
+    /// offsets below it can no longer be read, and segments wholly below it
+    /// are deleted. Returns the new start offset.
+    ///
+    /// # Errors
+    /// [`BrokerError::Closed`] or I/O errors persisting the new start.
+    pub async fn trim(&self, before: u64) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Trim { before, reply })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Applies a retention policy: deletes the oldest sealed segments that
+    /// every durable cursor has passed and that are older than
+    /// `retention_ms` or beyond `retention_bytes`. Returns how many
+    /// segments were deleted.
+    ///
+    /// # Errors
+    /// [`BrokerError::Closed`] or I/O errors.
+    pub async fn apply_retention(&self, policy: &NamespacePolicy, now_ms: i64) -> Result<usize> {
+        let min_cursor = {
+            let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            cursors
+                .values()
+                .filter(|c| c.is_durable())
+                .map(|c| c.mark_delete())
+                .min()
+        };
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Retention {
+                policy: policy.clone(),
+                min_cursor,
+                now_ms,
+                reply,
+            })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Changes the policy used by the writer (fsync, rollover).
+    pub async fn set_policy(&self, policy: NamespacePolicy) {
+        let _ = self.tx.send(Command::SetPolicy(policy)).await;
+    }
+
+    /// Forces everything written to disk (used at shutdown and by the
+    /// `interval` policy's callers that need a barrier).
+    ///
+    /// # Errors
+    /// I/O errors of the fsync.
+    pub async fn flush(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Flush { reply })
+            .await
+            .map_err(|_| BrokerError::Closed)?;
+        rx.await.map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Flushes, persists cursors and stops the writer. Appends after this
+    /// fail with [`BrokerError::Closed`].
+    pub async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(e) = self.persist_cursors().await {
+            tracing::warn!(ledger = %self.name, error = %e, "could not persist cursors at close");
+        }
+        if let Err(e) = self.flush().await {
+            tracing::warn!(ledger = %self.name, error = %e, "could not flush at close");
+        }
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Close { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Closes the ledger and removes its directory.
+    ///
+    /// # Errors
+    /// I/O errors removing the files.
+    pub async fn delete(&self) -> Result<()> {
+        self.close().await;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BrokerError::io(&dir, e)),
+        })
+        .await
+        .map_err(|_| BrokerError::Closed)?
+    }
+
+    /// Size, offsets and segment count.
+    pub fn stats(&self) -> LedgerStats {
+        let map = self.segments.read().unwrap_or_else(|e| e.into_inner());
+        LedgerStats {
+            start_offset: self.start_offset(),
+            end_offset: self.end_offset(),
+            size_bytes: map.values().map(|s| s.size()).sum(),
+            segments: map.len(),
+        }
+    }
+
+    /// Bytes stored before `offset` (estimate at index granularity).
+    fn position_of(&self, offset: u64) -> u64 {
+        let map = self.segments.read().unwrap_or_else(|e| e.into_inner());
+        let mut total = 0;
+        for seg in map.values() {
+            if seg.end() <= offset {
+                total += seg.size();
+            } else {
+                if offset > seg.base {
+                    total += seg.floor_pos(offset);
+                }
+                break;
+            }
+        }
+        total
+    }
+
+    // ---- cursors ----
+
+    /// Opens the durable cursor `name`, creating it at `initial` if it does
+    /// not exist (an existing cursor keeps its position). A new cursor is
+    /// persisted before this returns.
+    ///
+    /// # Errors
+    /// [`BrokerError::InvalidName`] for an empty name; I/O errors persisting.
+    pub async fn open_cursor(&self, name: &str, initial: InitialPosition) -> Result<Arc<Cursor>> {
+        if name.is_empty() {
+            return Err(BrokerError::InvalidName {
+                name: String::new(),
+                reason: "empty cursor name",
+            });
+        }
+        let (cursor, created) = {
+            let mut cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
+            match cursors.get(name) {
+                Some(c) => (c.clone(), false),
+                None => {
+                    let c = Arc::new(Cursor::new(name, true, self.initial_offset(initial)));
+                    cursors.insert(name.to_owned(), c.clone());
+                    (c, true)
+                }
+            }
+        };
+        if created {
+            self.persist_cursors().await?;
+        }
+        Ok(cursor)
+    }
+
+    /// A non-durable cursor (a reader): not persisted, holds nothing back.
+    pub fn open_reader(&self, initial: InitialPosition) -> Cursor {
+        Cursor::new("", false, self.initial_offset(initial))
+    }
+
+    fn initial_offset(&self, initial: InitialPosition) -> u64 {
+        let (start, end) = (self.start_offset(), self.end_offset());
+        match initial {
+            InitialPosition::Earliest => start,
+            InitialPosition::Latest => end,
+            InitialPosition::Offset(o) => o.clamp(start, end),
+        }
+    }
+
+    /// The durable cursor `name`, if it exists.
+    pub fn cursor(&self, name: &str) -> Option<Arc<Cursor>> {
+        self.cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names of the durable cursors.
+    pub fn cursor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deletes the durable cursor `name` (persisted before returning).
+    /// Returns whether it existed.
+    ///
+    /// # Errors
+    /// I/O errors persisting.
+    pub async fn delete_cursor(&self, name: &str) -> Result<bool> {
+        let existed = self
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .is_some();
+        if existed {
+            self.cursors_removed.store(true, Ordering::Release);
+            self.persist_cursors().await?;
+        }
+        Ok(existed)
+    }
+
+    /// Moves `cursor` to `offset`, clamped into `[start, end]`.
+    pub fn seek(&self, cursor: &Cursor, offset: u64) {
+        cursor.reset(offset.clamp(self.start_offset(), self.end_offset()));
+    }
+
+    /// Moves `cursor` to the first entry with a timestamp at or after `ts`
+    /// (the end if there is none).
+    ///
+    /// # Errors
+    /// As [`Ledger::find_offset_by_timestamp`].
+    pub async fn seek_timestamp(self: &Arc<Self>, cursor: &Cursor, ts: i64) -> Result<u64> {
+        let o = self
+            .find_offset_by_timestamp(ts)
+            .await?
+            .unwrap_or_else(|| self.end_offset());
+        self.seek(cursor, o);
+        Ok(o)
+    }
+
+    /// Messages and bytes between `cursor` and the end of the ledger.
+    pub fn backlog(&self, cursor: &Cursor) -> Backlog {
+        let (start, end) = (self.start_offset(), self.end_offset());
+        cursor.clamp_to(start);
+        let md = cursor.mark_delete().min(end);
+        let acked_above = cursor.acked_above_mark_delete();
+        let size: u64 = self.stats().size_bytes;
+        let before = self.position_of(md);
+        Backlog {
+            messages: (end - md).saturating_sub(acked_above),
+            bytes: size.saturating_sub(before),
+        }
+    }
+
+    /// Persists every durable cursor changed since the last call
+    /// (crash-safe: the whole cursor file is replaced atomically). Returns
+    /// once the state is on disk.
+    ///
+    /// # Errors
+    /// I/O errors writing the file.
+    pub async fn persist_cursors(&self) -> Result<()> {
+        let mut written = self.cursor_persist.lock().await;
+        let cursors: Vec<Arc<Cursor>> = self
+            .cursors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let removed = self.cursors_removed.swap(false, Ordering::AcqRel);
+        let changed = cursors
+            .iter()
+            .any(|c| written.get(c.name()) != Some(&c.version()));
+        if !changed && !removed {
+            return Ok(());
+        }
+        let mut snaps = BTreeMap::new();
+        let mut versions = HashMap::new();
+        for c in &cursors {
+            let (s, v) = c.snapshot();
+            snaps.insert(c.name().to_owned(), s);
+            versions.insert(c.name().to_owned(), v);
+        }
+        let data = serde_json::to_vec(&snaps).map_err(|e| BrokerError::Metadata {
+            path: self.dir.join(CURSORS_FILE),
+            reason: e.to_string(),
+        })?;
+        let path = self.dir.join(CURSORS_FILE);
+        tokio::task::spawn_blocking(move || write_atomic(&path, &data))
+            .await
+            .map_err(|_| BrokerError::Closed)??;
+        *written = versions;
+        Ok(())
+    }
+
+    /// Individually acknowledged ranges of `cursor` (for diagnostics).
+    pub fn acked_ranges(cursor: &Cursor) -> Vec<Range<u64>> {
+        cursor.acked_ranges()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|e| BrokerError::Metadata {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(BrokerError::io(path, e)),
+    }
+}
+
+fn load_cursors(path: &Path) -> Result<HashMap<String, Arc<Cursor>>> {
+    let snaps: BTreeMap<String, CursorSnapshot> = read_json(path)?.unwrap_or_default();
+    Ok(snaps
+        .into_iter()
+        .map(|(n, s)| {
+            let c = Arc::new(Cursor::from_snapshot(&n, s));
+            (n, c)
+        })
+        .collect())
+}
+
+/// The writer's private state: the active segment and its append position.
+struct Writer {
+    ledger: Arc<Ledger>,
+    policy: NamespacePolicy,
+    active: Arc<Segment>,
+    size: u64,
+    next_offset: u64,
+    max_ts: i64,
+    last_index_pos: Option<u64>,
+    opened_at: Instant,
+    /// Written but not yet fsynced (interval policy).
+    dirty: bool,
+    /// A write failed and could not be undone: refuse further appends.
+    failed: bool,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn new(ledger: Arc<Ledger>, policy: NamespacePolicy) -> Result<Writer> {
+        let active = ledger
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .next_back()
+            .cloned()
+            .ok_or(BrokerError::Closed)?;
+        let last_index_pos = active
+            .index
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .last()
+            .map(|p| p.pos);
+        Ok(Writer {
+            size: active.size(),
+            next_offset: active.end(),
+            max_ts: active.max_timestamp.load(Ordering::Acquire),
+            last_index_pos,
+            opened_at: Instant::now(),
+            dirty: false,
+            failed: false,
+            buf: Vec::new(),
+            active,
+            ledger,
+            policy,
+        })
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut pending: Option<Command> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.policy.fsync_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let cmd = match pending.take() {
+                Some(c) => c,
+                None => tokio::select! {
+                    c = rx.recv() => match c { Some(c) => c, None => break },
+                    _ = tick.tick(), if self.dirty => {
+                        self = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await.0;
+                        continue;
+                    }
+                },
+            };
+            match cmd {
+                Command::Append { entry, reply } => {
+                    let mut batch = vec![(entry, reply)];
+                    let mut bytes = batch[0].0.payload.len();
+                    while bytes < self.ledger.options.max_batch_bytes {
+                        match rx.try_recv() {
+                            Ok(Command::Append { entry, reply }) => {
+                                bytes += entry.payload.len();
+                                batch.push((entry, reply));
+                            }
+                            Ok(other) => {
+                                pending = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let (entries, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                    let (w, results) = self
+                        .blocking(move |mut w| {
+                            let r = w.write_batch(&entries);
+                            (w, r)
+                        })
+                        .await;
+                    self = w;
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(r);
+                    }
+                }
+                Command::Trim { before, reply } => {
+                    let (w, r) = self.blocking(move |mut w| { let r = w.trim(before); (w, r) }).await;
+                    self = w;
+                    let _ = reply.send(r);
+                }
+                Command::Retention { policy, min_cursor, now_ms, reply } => {
+                    let (w, r) = self
+                        .blocking(move |mut w| {
+                            let r = w.retention(&policy, min_cursor, now_ms);
+                            (w, r)
+                        })
+                        .await;
+                    self = w;
+                    let _ = reply.send(r);
+                }
+                Command::Flush { reply } => {
+                    let (w, r) = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await;
+                    self = w;
+                    let _ = reply.send(r);
+                }
+                Command::SetPolicy(p) => {
+                    if p.fsync_interval_ms != self.policy.fsync_interval_ms {
+                        tick = tokio::time::interval(Duration::from_millis(p.fsync_interval_ms));
+                    }
+                    self.policy = p;
+                }
+                Command::Close { reply } => {
+                    let (w, _) = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await;
+                    let _ = w.active.write_index_files(&w.ledger.dir);
+                    let _ = reply.send(());
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on a blocking thread with the writer moved into it.
+    async fn blocking<R: Send + 'static>(
+        self,
+        f: impl FnOnce(Writer) -> (Writer, R) + Send + 'static,
+    ) -> (Writer, R) {
+        match tokio::task::spawn_blocking(move || f(self)).await {
+            Ok(r) => r,
+            // A panic in the closure is a bug; there is no writer to go on with.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.dirty {
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| BrokerError::io(&self.active.path, e))?;
+            metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+            self.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn should_roll(&self, next_len: usize) -> bool {
+        self.size > 0
+            && (self.size + next_len as u64 > self.policy.segment_bytes
+                || self.opened_at.elapsed() >= Duration::from_millis(self.policy.segment_ms))
+    }
+
+    fn roll(&mut self) -> Result<()> {
+        self.active
+            .file
+            .sync_all()
+            .map_err(|e| BrokerError::io(&self.active.path, e))?;
+        self.active.write_index_files(&self.ledger.dir)?;
+        let seg = Arc::new(Segment::create(&self.ledger.dir, self.next_offset)?);
+        sync_dir(&self.ledger.dir)?;
+        self.ledger
+            .segments
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.next_offset, seg.clone());
+        self.active = seg;
+        self.size = 0;
+        self.max_ts = i64::MIN;
+        self.last_index_pos = None;
+        self.opened_at = Instant::now();
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Writes a group of entries. Under `group` they share one write and
+    /// one fsync; under `always` each gets its own; under `interval` none.
+    fn write_batch(&mut self, entries: &[AppendEntry]) -> Vec<Result<Appended>> {
+        if self.failed {
+            return entries.iter().map(|_| Err(BrokerError::Closed)).collect();
+        }
+        let mut results = Vec::with_capacity(entries.len());
+        let mut i = 0;
+        while i < entries.len() {
+            // One run: entries that fit in the active segment.
+            if self.should_roll(ENTRY_OVERHEAD + entries[i].payload.len()) {
+                if let Err(e) = self.roll() {
+                    tracing::error!(ledger = %self.ledger.name, error = %e, "segment rollover failed");
+                    results.extend(entries[i..].iter().map(|_| Err(clone_err(&e))));
+                    return results;
+                }
+            }
+            let run_start = i;
+            let mut run_bytes = 0u64;
+            let per_entry = self.policy.fsync == FsyncPolicy::Always;
+            let mut points = Vec::new();
+            self.buf.clear();
+            let start_size = self.size;
+            let start_offset = self.next_offset;
+            let mut max_ts = self.max_ts;
+            let mut next = self.next_offset;
+            let mut last_idx = self.last_index_pos;
+            while i < entries.len() {
+                let e = &entries[i];
+                let len = (ENTRY_OVERHEAD + e.payload.len()) as u64;
+                if i > run_start && (per_entry || self.size + run_bytes + len > self.policy.segment_bytes) {
+                    break;
+                }
+                let pos = start_size + run_bytes;
+                if last_idx.is_none_or(|p| pos - p >= segment::INDEX_INTERVAL) {
+                    points.push(IndexPoint { offset: next, pos, max_ts_before: max_ts });
+                    last_idx = Some(pos);
+                }
+                segment::encode_frame(
+                    &mut self.buf,
+                    e.format,
+                    e.count,
+                    next,
+                    e.first_timestamp,
+                    e.max_timestamp,
+                    &e.payload,
+                );
+                results.push(Ok(Appended { base_offset: next, count: e.count }));
+                next += u64::from(e.count);
+                max_ts = max_ts.max(e.max_timestamp);
+                run_bytes += len;
+                i += 1;
+            }
+            let write = self.active.file.write_all_at(&self.buf, start_size).and_then(|()| {
+                if self.policy.fsync == FsyncPolicy::Interval {
+                    Ok(())
+                } else {
+                    metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+                    self.active.file.sync_data()
+                }
+            });
+            if let Err(e) = write {
+                let err = BrokerError::io(&self.active.path, e);
+                tracing::error!(ledger = %self.ledger.name, error = %err, "append failed");
+                // Undo the partial write so later appends follow valid data.
+                if let Err(e2) = self.active.file.set_len(start_size) {
+                    tracing::error!(ledger = %self.ledger.name, error = %e2,
+                        "could not truncate after a failed append; ledger refuses further appends");
+                    self.failed = true;
+                }
+                for r in &mut results[run_start..] {
+                    *r = Err(clone_err(&err));
+                }
+                results.extend(entries[i..].iter().map(|_| Err(clone_err(&err))));
+                return results;
+            }
+            if self.policy.fsync == FsyncPolicy::Interval {
+                self.dirty = true;
+            }
+            self.size += run_bytes;
+            self.next_offset = next;
+            self.max_ts = max_ts;
+            self.last_index_pos = last_idx;
+            if !points.is_empty() {
+                self.active
+                    .index
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(points);
+            }
+            self.active.max_timestamp.store(max_ts, Ordering::Release);
+            self.active.visible_size.store(self.size, Ordering::Release);
+            self.active.visible_end.store(next, Ordering::Release);
+            self.ledger.end_tx.send_replace(next);
+            metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
+            metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
+            let _ = start_offset;
+        }
+        results
+    }
+
+    fn persist_start(&self, start: u64) -> Result<()> {
+        let data = serde_json::to_vec(&LedgerMetaFile { start_offset: start }).map_err(|e| {
+            BrokerError::Metadata {
+                path: self.ledger.dir.join(LEDGER_META_FILE),
+                reason: e.to_string(),
+            }
+        })?;
+        write_atomic(&self.ledger.dir.join(LEDGER_META_FILE), &data)
+    }
+
+    fn trim(&mut self, before: u64) -> Result<u64> {
+        let current = self.ledger.start_offset();
+        let new_start = before.min(self.next_offset);
+        if new_start <= current {
+            return Ok(current);
+        }
+        self.persist_start(new_start)?;
+        self.ledger.start_offset.store(new_start, Ordering::Release);
+        self.delete_sealed_while(|seg_end, _, _| seg_end <= new_start);
+        Ok(new_start)
+    }
+
+    /// Deletes sealed segments from the oldest while `pred(end, size,
+    /// max_ts)` holds.
+    fn delete_sealed_while(&mut self, mut pred: impl FnMut(u64, u64, i64) -> bool) -> usize {
+        let mut deleted = 0;
+        loop {
+            let victim = {
+                let map = self.ledger.segments.read().unwrap_or_else(|e| e.into_inner());
+                let mut it = map.values();
+                match (it.next(), it.next()) {
+                    (Some(first), Some(second)) => {
+                        if pred(second.base, first.size(), first.max_timestamp.load(Ordering::Acquire)) {
+                            Some((first.base, second.base))
+                        } else {
+                            None
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            let Some((base, next_base)) = victim else { break };
+            self.ledger
+                .segments
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&base);
+            Segment::remove_files(&self.ledger.dir, base);
+            deleted += 1;
+            if self.ledger.start_offset() < next_base {
+                self.ledger.start_offset.store(next_base, Ordering::Release);
+                if let Err(e) = self.persist_start(next_base) {
+                    tracing::warn!(ledger = %self.ledger.name, error = %e, "could not persist start offset");
+                }
+            }
+        }
+        if deleted > 0 {
+            let _ = sync_dir(&self.ledger.dir);
+        }
+        deleted
+    }
+
+    fn retention(&mut self, policy: &NamespacePolicy, min_cursor: Option<u64>, now_ms: i64) -> Result<usize> {
+        let start = self.ledger.start_offset();
+        let mut total: u64 = self
+            .ledger
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|s| s.size())
+            .sum();
+        let n = self.delete_sealed_while(|seg_end, size, max_ts| {
+            if seg_end <= start {
+                total -= size;
+                return true;
+            }
+            if min_cursor.is_some_and(|c| seg_end > c) {
+                return false;
+            }
+            let by_time = policy.retention_ms >= 0 && max_ts < now_ms - policy.retention_ms;
+            let by_size = policy.retention_bytes >= 0
+                && total.saturating_sub(policy.retention_bytes as u64) >= size;
+            if by_time || by_size {
+                total -= size;
+                true
+            } else {
+                false
+            }
+        });
+        if n > 0 {
+            tracing::info!(ledger = %self.ledger.name, segments = n, "retention deleted segments");
+        }
+        Ok(n)
+    }
+}
+
+fn clone_err(e: &BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Io { path, source } => BrokerError::Io {
+            path: path.clone(),
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        BrokerError::Closed => BrokerError::Closed,
+        other => BrokerError::InvalidArgument(other.to_string()),
+    }
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("ledger", &self.ledger.name)
+            .field("next_offset", &self.next_offset)
+            .finish()
+    }
+}
