@@ -1,0 +1,1 @@
+//! MQTT <-> core mapping. (Owned by the MQTT handler's work.)
