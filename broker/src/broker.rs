@@ -211,8 +211,8 @@ impl Broker {
             max_entry_bytes: self.config.max_entry_bytes,
             queue_depth: self.config.append_queue_depth,
             max_batch_bytes: 8 * 1024 * 1024,
-            budget_units: (self.config.memory_budget_bytes / 1024).clamp(1, u64::from(u32::MAX >> 3))
-                as u32,
+            budget_units: (self.config.memory_budget_bytes / 1024)
+                .clamp(1, u64::from(u32::MAX >> 3)) as u32,
         }
     }
 
@@ -333,7 +333,11 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::TenantNotFound`], [`BrokerError::AlreadyExists`],
     /// [`BrokerError::InvalidArgument`] for a bad policy.
-    pub async fn create_namespace(&self, ns: &NamespaceName, policy: Option<NamespacePolicy>) -> Result<()> {
+    pub async fn create_namespace(
+        &self,
+        ns: &NamespaceName,
+        policy: Option<NamespacePolicy>,
+    ) -> Result<()> {
         let policy = policy.unwrap_or_else(|| self.config.default_policy.clone());
         policy.validate()?;
         let mut meta = self.meta.lock().await;
@@ -415,7 +419,11 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::NamespaceNotFound`], [`BrokerError::InvalidArgument`].
-    pub async fn set_namespace_policy(&self, ns: &NamespaceName, policy: NamespacePolicy) -> Result<()> {
+    pub async fn set_namespace_policy(
+        &self,
+        ns: &NamespaceName,
+        policy: NamespacePolicy,
+    ) -> Result<()> {
         policy.validate()?;
         let mut meta = self.meta.lock().await;
         let mut next = meta.clone();
@@ -466,7 +474,12 @@ impl Broker {
     /// # Errors
     /// [`BrokerError::NamespaceNotFound`], [`BrokerError::AlreadyExists`],
     /// [`BrokerError::InvalidArgument`] for 0 or more than 10,000 partitions.
-    pub async fn create_topic(&self, name: &TopicName, partitions: u32, config: TopicConfig) -> Result<TopicMeta> {
+    pub async fn create_topic(
+        &self,
+        name: &TopicName,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<TopicMeta> {
         if partitions == 0 || partitions > 10_000 {
             return Err(BrokerError::InvalidArgument(
                 "partitions must be in 1..=10000".into(),
@@ -521,9 +534,9 @@ impl Broker {
             .await
         {
             Ok(t) => Ok(t),
-            Err(BrokerError::AlreadyExists(_)) => {
-                self.topic(name).ok_or_else(|| BrokerError::TopicNotFound(name.to_string()))
-            }
+            Err(BrokerError::AlreadyExists(_)) => self
+                .topic(name)
+                .ok_or_else(|| BrokerError::TopicNotFound(name.to_string())),
             Err(e) => Err(e),
         }
     }
@@ -544,8 +557,13 @@ impl Broker {
         for l in self.ledgers.remove_topic(name) {
             l.delete().await?;
         }
-        let dir = self.config.data_dir.join("ledgers").join(&name.namespace.tenant)
-            .join(&name.namespace.namespace).join(escape(&name.topic));
+        let dir = self
+            .config
+            .data_dir
+            .join("ledgers")
+            .join(&name.namespace.tenant)
+            .join(&name.namespace.namespace)
+            .join(escape(&name.topic));
         let _ = tokio::fs::remove_dir_all(&dir).await;
         tracing::info!(topic = %name, "deleted topic");
         Ok(())
@@ -585,9 +603,17 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::TopicNotFound`], [`BrokerError::InvalidArgument`].
-    pub async fn set_topic_config(&self, name: &TopicName, config: TopicConfig) -> Result<TopicMeta> {
-        if config.retention_ms.is_some_and(|v| v < -1) || config.retention_bytes.is_some_and(|v| v < -1) {
-            return Err(BrokerError::InvalidArgument("retention must be -1 or non-negative".into()));
+    pub async fn set_topic_config(
+        &self,
+        name: &TopicName,
+        config: TopicConfig,
+    ) -> Result<TopicMeta> {
+        if config.retention_ms.is_some_and(|v| v < -1)
+            || config.retention_bytes.is_some_and(|v| v < -1)
+        {
+            return Err(BrokerError::InvalidArgument(
+                "retention must be -1 or non-negative".into(),
+            ));
         }
         let mut meta = self.meta.lock().await;
         let mut t = meta
@@ -667,8 +693,12 @@ impl Broker {
         let meta = self.view().clone();
         let mut deleted = 0;
         for ((name, _), l) in self.ledgers.all() {
-            let Some(t) = meta.topics.get(&name.to_string()) else { continue };
-            let Ok(policy) = Self::policy_in(&meta, t) else { continue };
+            let Some(t) = meta.topics.get(&name.to_string()) else {
+                continue;
+            };
+            let Ok(policy) = Self::policy_in(&meta, t) else {
+                continue;
+            };
             match l.apply_retention(&policy, now).await {
                 Ok(n) => deleted += n,
                 Err(BrokerError::Closed) => {}

@@ -18,6 +18,4 @@ pub use ledger::{
     AppendEntry, Appended, Backlog, Cursor, Entry, InitialPosition, Ledger, LedgerOptions,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
-pub use topic::{
-    FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName,
-};
+pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

@@ -91,10 +91,7 @@ impl Message {
 
     /// The first header with the given name.
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v)
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
 
     fn encoded_len_hint(&self) -> usize {
@@ -126,8 +123,12 @@ const F_KNOWN: u8 = F_KEY | F_EVENT_TIME | F_PRODUCER | F_ORDERING_KEY | F_REPLI
 
 /// Encodes messages as one batch (the payload of a `Messages` entry).
 pub fn encode_batch(messages: &[Message]) -> Bytes {
-    let mut buf =
-        BytesMut::with_capacity(8 + messages.iter().map(Message::encoded_len_hint).sum::<usize>());
+    let mut buf = BytesMut::with_capacity(
+        8 + messages
+            .iter()
+            .map(Message::encoded_len_hint)
+            .sum::<usize>(),
+    );
     buf.put_u8(BATCH_VERSION);
     put_varint(&mut buf, messages.len() as u64);
     for m in messages {
@@ -339,16 +340,18 @@ mod tests {
             proptest::option::of(arb_bytes()),
             proptest::option::of("[a-z]{1,8}"),
         )
-            .prop_map(|(key, payload, headers, event_time, publish_time, p, ok, rf)| Message {
-                key,
-                payload,
-                headers,
-                event_time,
-                publish_time,
-                producer: p.map(|(id, sequence)| ProducerInfo { id, sequence }),
-                ordering_key: ok,
-                replicated_from: rf,
-            })
+            .prop_map(
+                |(key, payload, headers, event_time, publish_time, p, ok, rf)| Message {
+                    key,
+                    payload,
+                    headers,
+                    event_time,
+                    publish_time,
+                    producer: p.map(|(id, sequence)| ProducerInfo { id, sequence }),
+                    ordering_key: ok,
+                    replicated_from: rf,
+                },
+            )
     }
 
     proptest! {

@@ -104,9 +104,7 @@ impl TopicName {
         let s = s.strip_prefix("persistent://").unwrap_or(s);
         let mut parts = s.splitn(3, '/');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some(t), Some(n), Some(topic)) => {
-                TopicName::new(NamespaceName::new(t, n)?, topic)
-            }
+            (Some(t), Some(n), Some(topic)) => TopicName::new(NamespaceName::new(t, n)?, topic),
             _ => Err(BrokerError::InvalidName {
                 name: s.to_owned(),
                 reason: "expected tenant/namespace/topic",

@@ -25,10 +25,7 @@ use broker::{Entry, EntryFormat, Message};
 pub enum MappingError {
     /// The entry's payload is malformed for its format.
     #[error("malformed {format:?} entry: {reason}")]
-    Malformed {
-        format: EntryFormat,
-        reason: String,
-    },
+    Malformed { format: EntryFormat, reason: String },
 }
 
 /// The messages of a stored entry, whatever protocol wrote it. Message `i`
@@ -44,11 +41,11 @@ pub fn entry_messages(entry: &Entry) -> Result<Vec<Message>, MappingError> {
                 reason: e.to_string(),
             })
         }
-        EntryFormat::KafkaRecordBatch => kafka::batch_to_messages(&entry.payload).map_err(|e| {
-            MappingError::Malformed {
+        EntryFormat::KafkaRecordBatch => {
+            kafka::batch_to_messages(&entry.payload).map_err(|e| MappingError::Malformed {
                 format: entry.format,
                 reason: e.to_string(),
-            }
-        }),
+            })
+        }
     }
 }

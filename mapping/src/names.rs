@@ -46,7 +46,10 @@ mod tests {
     #[test]
     fn default_namespace_is_public_default() {
         let m = NamespaceMapping::default();
-        assert_eq!(m.topic("orders").unwrap().to_string(), "public/default/orders");
+        assert_eq!(
+            m.topic("orders").unwrap().to_string(),
+            "public/default/orders"
+        );
         assert!(m.topic("a/b").is_err());
     }
 }

@@ -68,11 +68,7 @@ impl RangeSet {
 
     /// Removes everything below `offset`.
     pub fn remove_below(&mut self, offset: u64) {
-        let below: Vec<(u64, u64)> = self
-            .ranges
-            .range(..offset)
-            .map(|(&s, &e)| (s, e))
-            .collect();
+        let below: Vec<(u64, u64)> = self.ranges.range(..offset).map(|(&s, &e)| (s, e)).collect();
         for (s, e) in below {
             self.ranges.remove(&s);
             if e > offset {
@@ -170,7 +166,12 @@ impl Cursor {
         (
             CursorSnapshot {
                 mark_delete: st.mark_delete,
-                acked: st.acked.ranges().into_iter().map(|r| (r.start, r.end)).collect(),
+                acked: st
+                    .acked
+                    .ranges()
+                    .into_iter()
+                    .map(|r| (r.start, r.end))
+                    .collect(),
                 properties: st.properties.clone(),
             },
             st.version,

@@ -16,9 +16,9 @@ mod segment;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::io::Write;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -216,7 +216,10 @@ impl Ledger {
         for (i, &base) in bases.iter().enumerate() {
             let path = segment::segment_path(dir, base, "log");
             let file = Segment::open_file(&path)?;
-            let size = file.metadata().map_err(|e| BrokerError::io(&path, e))?.len();
+            let size = file
+                .metadata()
+                .map_err(|e| BrokerError::io(&path, e))?
+                .len();
             let last = i + 1 == count;
             let (from, index) = match (last, Segment::load_index_files(dir, base, size)) {
                 (false, Some(idx)) if !idx.is_empty() => (*idx.last().unwrap_or(&idx[0]), idx),
@@ -264,21 +267,28 @@ impl Ledger {
                     // cannot be trusted to follow on. Keep the consistent
                     // prefix only.
                     for &b in &bases[i + 1..] {
-                        tracing::warn!(ledger = name, base = b, "dropping segment after a corrupt one");
+                        tracing::warn!(
+                            ledger = name,
+                            base = b,
+                            "dropping segment after a corrupt one"
+                        );
                         Segment::remove_files(dir, b);
                     }
                 }
             } else if let Some(nb) = next_base {
                 if nb != res.end_offset {
-                    tracing::warn!(ledger = name, base = nb, expected = res.end_offset,
-                        "segment does not follow its predecessor; dropping it and later ones");
+                    tracing::warn!(
+                        ledger = name,
+                        base = nb,
+                        expected = res.end_offset,
+                        "segment does not follow its predecessor; dropping it and later ones"
+                    );
                     for &b in &bases[i + 1..] {
                         Segment::remove_files(dir, b);
                     }
                 }
             }
-            let broken = res.stopped.is_some()
-                || next_base.is_some_and(|nb| nb != res.end_offset);
+            let broken = res.stopped.is_some() || next_base.is_some_and(|nb| nb != res.end_offset);
             let seg = Segment::from_scan(base, path, file, res);
             if !last || broken {
                 seg.write_index_files(dir)?;
@@ -309,7 +319,10 @@ impl Ledger {
             end_tx,
             tx,
             cursor_persist: tokio::sync::Mutex::new(
-                cursors.iter().map(|(n, c)| (n.clone(), c.version())).collect(),
+                cursors
+                    .iter()
+                    .map(|(n, c)| (n.clone(), c.version()))
+                    .collect(),
             ),
             cursors: Mutex::new(cursors),
             cursors_removed: AtomicBool::new(false),
@@ -361,7 +374,9 @@ impl Ledger {
             });
         }
         if entry.count == 0 {
-            return Err(BrokerError::InvalidArgument("entry with zero messages".into()));
+            return Err(BrokerError::InvalidArgument(
+                "entry with zero messages".into(),
+            ));
         }
         let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
         let _permit = self
@@ -390,7 +405,11 @@ impl Ledger {
         let start = self.start_offset();
         let end = self.end_offset();
         if from < start || from > end {
-            return Err(BrokerError::OffsetOutOfRange { offset: from, start, end });
+            return Err(BrokerError::OffsetOutOfRange {
+                offset: from,
+                start,
+                end,
+            });
         }
         if from == end {
             return Ok(Vec::new());
@@ -433,7 +452,8 @@ impl Ledger {
                 pos += h.frame_size();
             }
             let before = out.len();
-            let read = seg.read_entries(pos, limit, budget, self.options.max_entry_bytes, &mut out)?;
+            let read =
+                seg.read_entries(pos, limit, budget, self.options.max_entry_bytes, &mut out)?;
             budget = budget.saturating_sub(read);
             if let Some(last) = out.last() {
                 offset = last.end_offset();
@@ -916,11 +936,21 @@ impl Writer {
                     }
                 }
                 Command::Trim { before, reply } => {
-                    let (w, r) = self.blocking(move |mut w| { let r = w.trim(before); (w, r) }).await;
+                    let (w, r) = self
+                        .blocking(move |mut w| {
+                            let r = w.trim(before);
+                            (w, r)
+                        })
+                        .await;
                     self = w;
                     let _ = reply.send(r);
                 }
-                Command::Retention { policy, min_cursor, now_ms, reply } => {
+                Command::Retention {
+                    policy,
+                    min_cursor,
+                    now_ms,
+                    reply,
+                } => {
                     let (w, r) = self
                         .blocking(move |mut w| {
                             let r = w.retention(&policy, min_cursor, now_ms);
@@ -931,7 +961,12 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Command::Flush { reply } => {
-                    let (w, r) = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await;
+                    let (w, r) = self
+                        .blocking(|mut w| {
+                            let r = w.sync();
+                            (w, r)
+                        })
+                        .await;
                     self = w;
                     let _ = reply.send(r);
                 }
@@ -942,7 +977,12 @@ impl Writer {
                     self.policy = p;
                 }
                 Command::Close { reply } => {
-                    let (w, _) = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await;
+                    let (w, _) = self
+                        .blocking(|mut w| {
+                            let r = w.sync();
+                            (w, r)
+                        })
+                        .await;
                     let _ = w.active.write_index_files(&w.ledger.dir);
                     let _ = reply.send(());
                     break;
@@ -1033,12 +1073,18 @@ impl Writer {
             while i < entries.len() {
                 let e = &entries[i];
                 let len = (ENTRY_OVERHEAD + e.payload.len()) as u64;
-                if i > run_start && (per_entry || self.size + run_bytes + len > self.policy.segment_bytes) {
+                if i > run_start
+                    && (per_entry || self.size + run_bytes + len > self.policy.segment_bytes)
+                {
                     break;
                 }
                 let pos = start_size + run_bytes;
                 if last_idx.is_none_or(|p| pos - p >= segment::INDEX_INTERVAL) {
-                    points.push(IndexPoint { offset: next, pos, max_ts_before: max_ts });
+                    points.push(IndexPoint {
+                        offset: next,
+                        pos,
+                        max_ts_before: max_ts,
+                    });
                     last_idx = Some(pos);
                 }
                 segment::encode_frame(
@@ -1050,20 +1096,27 @@ impl Writer {
                     e.max_timestamp,
                     &e.payload,
                 );
-                results.push(Ok(Appended { base_offset: next, count: e.count }));
+                results.push(Ok(Appended {
+                    base_offset: next,
+                    count: e.count,
+                }));
                 next += u64::from(e.count);
                 max_ts = max_ts.max(e.max_timestamp);
                 run_bytes += len;
                 i += 1;
             }
-            let write = self.active.file.write_all_at(&self.buf, start_size).and_then(|()| {
-                if self.policy.fsync == FsyncPolicy::Interval {
-                    Ok(())
-                } else {
-                    metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
-                    self.active.file.sync_data()
-                }
-            });
+            let write = self
+                .active
+                .file
+                .write_all_at(&self.buf, start_size)
+                .and_then(|()| {
+                    if self.policy.fsync == FsyncPolicy::Interval {
+                        Ok(())
+                    } else {
+                        metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+                        self.active.file.sync_data()
+                    }
+                });
             if let Err(e) = write {
                 let err = BrokerError::io(&self.active.path, e);
                 tracing::error!(ledger = %self.ledger.name, error = %err, "append failed");
@@ -1105,11 +1158,12 @@ impl Writer {
     }
 
     fn persist_start(&self, start: u64) -> Result<()> {
-        let data = serde_json::to_vec(&LedgerMetaFile { start_offset: start }).map_err(|e| {
-            BrokerError::Metadata {
-                path: self.ledger.dir.join(LEDGER_META_FILE),
-                reason: e.to_string(),
-            }
+        let data = serde_json::to_vec(&LedgerMetaFile {
+            start_offset: start,
+        })
+        .map_err(|e| BrokerError::Metadata {
+            path: self.ledger.dir.join(LEDGER_META_FILE),
+            reason: e.to_string(),
         })?;
         write_atomic(&self.ledger.dir.join(LEDGER_META_FILE), &data)
     }
@@ -1132,11 +1186,19 @@ impl Writer {
         let mut deleted = 0;
         loop {
             let victim = {
-                let map = self.ledger.segments.read().unwrap_or_else(|e| e.into_inner());
+                let map = self
+                    .ledger
+                    .segments
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner());
                 let mut it = map.values();
                 match (it.next(), it.next()) {
                     (Some(first), Some(second)) => {
-                        if pred(second.base, first.size(), first.max_timestamp.load(Ordering::Acquire)) {
+                        if pred(
+                            second.base,
+                            first.size(),
+                            first.max_timestamp.load(Ordering::Acquire),
+                        ) {
                             Some((first.base, second.base))
                         } else {
                             None
@@ -1145,7 +1207,9 @@ impl Writer {
                     _ => None,
                 }
             };
-            let Some((base, next_base)) = victim else { break };
+            let Some((base, next_base)) = victim else {
+                break;
+            };
             self.ledger
                 .segments
                 .write()
@@ -1166,7 +1230,12 @@ impl Writer {
         deleted
     }
 
-    fn retention(&mut self, policy: &NamespacePolicy, min_cursor: Option<u64>, now_ms: i64) -> Result<usize> {
+    fn retention(
+        &mut self,
+        policy: &NamespacePolicy,
+        min_cursor: Option<u64>,
+        now_ms: i64,
+    ) -> Result<usize> {
         let start = self.ledger.start_offset();
         let mut total: u64 = self
             .ledger

@@ -256,8 +256,7 @@ pub(crate) fn scan(
         if frame.len() >= FRAME_PREFIX {
             let flen = le_u32(&frame[0..4]) as usize;
             let total = FRAME_PREFIX + flen;
-            if flen <= max_entry + BODY_HEADER && total > frame.len() && pos + total as u64 <= len
-            {
+            if flen <= max_entry + BODY_HEADER && total > frame.len() && pos + total as u64 <= len {
                 // A valid-looking frame larger than the buffer: read it whole.
                 buf_start = pos;
                 buf = vec![0; total];
@@ -415,7 +414,9 @@ impl Segment {
         // The first entry may be larger than `max_bytes`: read it whole.
         if buf.len() >= FRAME_PREFIX {
             let first = FRAME_PREFIX + le_u32(&buf[0..4]) as usize;
-            if first > buf.len() && pos + first as u64 <= limit && first <= max_entry + ENTRY_OVERHEAD
+            if first > buf.len()
+                && pos + first as u64 <= limit
+                && first <= max_entry + ENTRY_OVERHEAD
             {
                 buf = BytesMut::zeroed(first);
                 self.file
@@ -502,7 +503,10 @@ impl Segment {
             if le_u64(&t[8..16]) != p.offset || p.pos >= size || p.offset < base {
                 return None;
             }
-            if out.last().is_some_and(|l: &IndexPoint| l.pos >= p.pos || l.offset >= p.offset) {
+            if out
+                .last()
+                .is_some_and(|l: &IndexPoint| l.pos >= p.pos || l.offset >= p.offset)
+            {
                 return None;
             }
             out.push(p);

@@ -107,10 +107,8 @@ pub async fn serve_listener(
         );
     }
     drop(listener);
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         tracing::warn!(protocol, listener = %name, remaining = conns.len(), "grace period over; closing connections");
         conns.shutdown().await;

@@ -173,7 +173,9 @@ pub struct HandlerFactory {
 
 impl fmt::Debug for HandlerFactory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HandlerFactory").field("name", &self.name).finish()
+        f.debug_struct("HandlerFactory")
+            .field("name", &self.name)
+            .finish()
     }
 }
 

@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use broker::{
-    AppendEntry, Broker, BrokerConfig, EntryFormat, Message, NamespaceName, TopicName,
-};
+use broker::{AppendEntry, Broker, BrokerConfig, EntryFormat, Message, NamespaceName, TopicName};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -167,7 +165,10 @@ const MAX_LINE: usize = 64 * 1024;
 
 impl EchoHandler {
     async fn command(&self, line: &str) -> Result<String, HandlerError> {
-        let ctx = self.ctx.get().ok_or_else(|| HandlerError::Protocol("not started".into()))?;
+        let ctx = self
+            .ctx
+            .get()
+            .ok_or_else(|| HandlerError::Protocol("not started".into()))?;
         let mut parts = line.splitn(3, ' ');
         let verb = parts.next().unwrap_or("");
         let topic = parts.next().unwrap_or("");
@@ -211,7 +212,10 @@ impl EchoHandler {
                 let msgs = broker::message::decode_batch(&e.payload)?;
                 let idx = (offset - e.base_offset) as usize;
                 match msgs.get(idx) {
-                    Some(m) => Ok(format!("MSG {offset} {}", String::from_utf8_lossy(&m.payload))),
+                    Some(m) => Ok(format!(
+                        "MSG {offset} {}",
+                        String::from_utf8_lossy(&m.payload)
+                    )),
                     None => Ok("NONE".into()),
                 }
             }
