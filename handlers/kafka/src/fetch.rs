@@ -1,0 +1,220 @@
+//! Fetch: reads whole stored entries as record batches, long-polling on
+//! the ledgers' end offsets until `min_bytes` are available or `max_wait_ms`
+//! passes.
+//!
+//! A stored Kafka batch is served with its `baseOffset` rewritten to the
+//! ledger offset and its `partitionLeaderEpoch` set to 0 (both lie outside
+//! the CRC). Entries written by other protocols are served as batches
+//! built by `mapping::kafka::messages_to_batch`. As in Kafka, the first
+//! batch of a response is returned even when it exceeds the limits, so a
+//! consumer always makes progress; after that `partition_max_bytes` and the
+//! response's `max_bytes` bound what is returned. There are no
+//! transactions, so read_committed and read_uncommitted read the same.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker::{Entry, EntryFormat, Ledger};
+use bytes::{BufMut, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::protocol::StrBytes;
+use mapping::kafka::ErrorCode;
+use tokio::task::JoinSet;
+
+use crate::state::State;
+
+/// Longest a Fetch may wait (a cap on the client's max_wait_ms).
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+struct Want {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    max_bytes: usize,
+}
+
+struct Got {
+    topic: String,
+    data: PartitionData,
+    bytes: usize,
+    /// The ledger to wait on when nothing was available.
+    waiter: Option<(Arc<Ledger>, u64)>,
+}
+
+pub(crate) async fn fetch(state: &Arc<State>, req: FetchRequest, _version: i16) -> FetchResponse {
+    if req.session_id != 0 || req.session_epoch > 0 {
+        // Fetch sessions are not kept: every response has session id 0,
+        // so clients send full requests.
+        return FetchResponse::default()
+            .with_error_code(ErrorCode::FetchSessionIdNotFound.code())
+            .with_session_id(0);
+    }
+    let response_max = if req.max_bytes > 0 {
+        (req.max_bytes as usize).min(state.config.fetch_max_bytes)
+    } else {
+        state.config.fetch_max_bytes
+    };
+    let wait = Duration::from_millis(req.max_wait_ms.max(0) as u64).min(MAX_WAIT);
+    let min_bytes = req.min_bytes.max(0) as usize;
+    let wants: Vec<Want> = req
+        .topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions.iter().map(move |p| Want {
+                topic: t.topic.0.to_string(),
+                partition: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes.max(0) as usize,
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let got = read_all(state, &wants, response_max).await;
+        let total: usize = got.iter().map(|g| g.bytes).sum();
+        let errors = got.iter().any(|g| g.data.error_code != 0);
+        let now = tokio::time::Instant::now();
+        if total >= min_bytes.max(1) || errors || now >= deadline || wants.is_empty() {
+            return respond(got);
+        }
+        // Wait until any partition has data beyond what was asked for.
+        let mut set = JoinSet::new();
+        for g in &got {
+            if let Some((l, off)) = &g.waiter {
+                let mut rx = l.watch_end();
+                let off = *off;
+                set.spawn(async move {
+                    let _ = rx.wait_for(|&end| end > off).await;
+                });
+            }
+        }
+        if set.is_empty() {
+            return respond(got);
+        }
+        tokio::select! {
+            _ = set.join_next() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = state.shutdown.cancelled() => return respond(got),
+        }
+        set.abort_all();
+    }
+}
+
+fn respond(got: Vec<Got>) -> FetchResponse {
+    let mut topics: Vec<FetchableTopicResponse> = Vec::new();
+    for g in got {
+        let name = g.topic;
+        match topics.iter_mut().find(|t| t.topic.0.as_str() == name) {
+            Some(t) => t.partitions.push(g.data),
+            None => topics.push(
+                FetchableTopicResponse::default()
+                    .with_topic(StrBytes::from_string(name).into())
+                    .with_partitions(vec![g.data]),
+            ),
+        }
+    }
+    FetchResponse::default().with_responses(topics)
+}
+
+async fn read_all(state: &State, wants: &[Want], response_max: usize) -> Vec<Got> {
+    let mut out = Vec::with_capacity(wants.len());
+    let mut remaining = response_max;
+    let mut any = false;
+    for w in wants {
+        let g = read_one(state, w, remaining, !any).await;
+        remaining = remaining.saturating_sub(g.bytes);
+        any |= g.bytes > 0;
+        out.push(g);
+    }
+    out
+}
+
+async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got {
+    let base = PartitionData::default()
+        .with_partition_index(w.partition)
+        .with_high_watermark(-1)
+        .with_last_stable_offset(-1)
+        .with_log_start_offset(-1)
+        .with_preferred_read_replica((-1).into())
+        .with_aborted_transactions(None);
+    let fail = |code: ErrorCode, base: PartitionData| Got {
+        topic: w.topic.clone(),
+        data: base.with_error_code(code.code()),
+        bytes: 0,
+        waiter: None,
+    };
+    let ledger = match state.ledger(&w.topic, w.partition) {
+        Ok(l) => l,
+        Err(e) => return fail(e, base),
+    };
+    let (start, end) = (ledger.start_offset(), ledger.end_offset());
+    let base = base
+        .with_high_watermark(end as i64)
+        .with_last_stable_offset(end as i64)
+        .with_log_start_offset(start as i64);
+    if w.offset < start as i64 || w.offset > end as i64 {
+        return fail(ErrorCode::OffsetOutOfRange, base);
+    }
+    let offset = w.offset as u64;
+    let limit = w.max_bytes.min(remaining);
+    if offset == end || (limit == 0 && !first) {
+        return Got {
+            topic: w.topic.clone(),
+            data: base.with_records(Some(Default::default())),
+            bytes: 0,
+            waiter: (offset == end).then(|| (ledger.clone(), offset)),
+        };
+    }
+    let entries = match ledger.read(offset, limit.max(1)).await {
+        Ok(e) => e,
+        Err(e) => return fail(ErrorCode::from_broker(&e), base),
+    };
+    let mut records = BytesMut::new();
+    for e in &entries {
+        let before = records.len();
+        if let Err(reason) = append_entry(&mut records, e) {
+            tracing::error!(topic = %w.topic, partition = w.partition, offset = e.base_offset, %reason, "stored entry does not decode; skipping it");
+            continue;
+        }
+        if records.len() > limit && before > 0 {
+            records.truncate(before);
+            break;
+        }
+        if records.len() > limit && !first {
+            // Over this partition's share and not the response's first
+            // batch: leave it for the next fetch.
+            records.truncate(before);
+            break;
+        }
+    }
+    let n = records.len();
+    Got {
+        topic: w.topic.clone(),
+        data: base.with_records(Some(records.freeze())),
+        bytes: n,
+        waiter: (n == 0).then(|| (ledger.clone(), offset)),
+    }
+}
+
+fn append_entry(out: &mut BytesMut, e: &Entry) -> Result<(), String> {
+    match e.format {
+        EntryFormat::KafkaRecordBatch => {
+            let start = out.len();
+            out.put_slice(&e.payload);
+            let batch = &mut out[start..];
+            if batch.len() < mapping::kafka::BATCH_HEADER_LEN {
+                out.truncate(start);
+                return Err("stored batch shorter than its header".into());
+            }
+            mapping::kafka::set_base_offset(batch, e.base_offset);
+            batch[12..16].copy_from_slice(&0i32.to_be_bytes());
+            Ok(())
+        }
+        EntryFormat::Messages => {
+            let msgs = broker::message::decode_batch(&e.payload).map_err(|e| e.to_string())?;
+            out.put_slice(&mapping::kafka::messages_to_batch(e.base_offset, &msgs));
+            Ok(())
+        }
+    }
+}
