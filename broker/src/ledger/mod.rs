@@ -451,15 +451,16 @@ impl Ledger {
                 }
                 pos += h.frame_size();
             }
-            let before = out.len();
             let read =
                 seg.read_entries(pos, limit, budget, self.options.max_entry_bytes, &mut out)?;
             budget = budget.saturating_sub(read);
             if let Some(last) = out.last() {
                 offset = last.end_offset();
             }
-            if out.len() == before {
-                continue;
+            // The budget ran out inside this segment: the next segment's
+            // entries would not follow on from what was read.
+            if offset < seg_end {
+                break;
             }
         }
         out.retain(|e| e.base_offset < end);

@@ -1,0 +1,335 @@
+//! Ledger behaviour through its public API: append/read, rollover,
+//! recovery of torn and corrupt tails, timestamps, tailing, trims,
+//! retention, cursors and their persistence.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::time::Duration;
+
+use broker::{BrokerError, InitialPosition, NamespacePolicy};
+use common::{entry, open, policy};
+
+#[tokio::test]
+async fn append_and_read_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(4096));
+    let mut bases = Vec::new();
+    for i in 0..100u32 {
+        let a = l
+            .append(entry(vec![i as u8; 200], 1 + i % 3, 1000 + i64::from(i)))
+            .await
+            .unwrap();
+        bases.push((a.base_offset, a.count, i));
+    }
+    assert!(l.stats().segments > 1, "small segments must roll over");
+    assert_eq!(
+        l.end_offset(),
+        bases.last().map(|(b, c, _)| b + u64::from(*c)).unwrap()
+    );
+    // Every offset resolves to the entry that contains it.
+    for &(base, count, i) in &bases {
+        for o in base..base + u64::from(count) {
+            let got = l.read(o, 1).await.unwrap();
+            assert_eq!(got[0].base_offset, base);
+            assert_eq!(got[0].payload.as_ref(), &vec![i as u8; 200][..]);
+        }
+    }
+    // A large read crosses segments and returns consecutive entries.
+    let all = l.read(0, 1 << 20).await.unwrap();
+    assert_eq!(all.len(), 100);
+    for w in all.windows(2) {
+        assert_eq!(w[0].end_offset(), w[1].base_offset);
+    }
+    // Reading at the end is empty; beyond it is an error.
+    assert!(l.read(l.end_offset(), 100).await.unwrap().is_empty());
+    assert!(matches!(
+        l.read(l.end_offset() + 1, 100).await,
+        Err(BrokerError::OffsetOutOfRange { .. })
+    ));
+    l.close().await;
+}
+
+#[tokio::test]
+async fn recovery_truncates_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    for i in 0..10u8 {
+        l.append(entry(vec![i; 100], 1, 0)).await.unwrap();
+    }
+    l.close().await;
+    drop(l);
+    let seg = dir.path().join("00000000000000000000.log");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    // A torn write: half of the last entry is missing.
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 70)
+        .unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.end_offset(), 9, "the torn entry is dropped");
+    let e = l.read(8, 1).await.unwrap();
+    assert_eq!(e[0].payload.as_ref(), &[8u8; 100][..]);
+    // New appends continue right after the valid prefix.
+    assert_eq!(l.append(entry("new", 1, 0)).await.unwrap().base_offset, 9);
+    assert_eq!(l.read(9, 1).await.unwrap()[0].payload.as_ref(), b"new");
+    l.close().await;
+}
+
+#[tokio::test]
+async fn recovery_truncates_at_a_corrupt_entry_and_never_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    for i in 0..5u8 {
+        l.append(entry(vec![i; 64], 1, 0)).await.unwrap();
+    }
+    l.close().await;
+    drop(l);
+    let seg = dir.path().join("00000000000000000000.log");
+    let mut data = std::fs::read(&seg).unwrap();
+    // Flip a payload byte of the fourth entry (each is 40 + 64 bytes).
+    data[3 * 104 + 50] ^= 0xff;
+    std::fs::write(&seg, &data).unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.end_offset(), 3);
+    let got = l.read(0, 1 << 20).await.unwrap();
+    assert_eq!(got.len(), 3);
+    l.close().await;
+}
+
+#[tokio::test]
+async fn garbage_appended_after_a_clean_close_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    l.append(entry("a", 1, 0)).await.unwrap();
+    l.close().await;
+    drop(l);
+    let seg = dir.path().join("00000000000000000000.log");
+    let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+    f.write_all(&[0xff; 13]).unwrap();
+    f.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    drop(f);
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.end_offset(), 1);
+    assert_eq!(l.append(entry("b", 1, 0)).await.unwrap().base_offset, 1);
+    l.close().await;
+}
+
+#[tokio::test]
+async fn find_offset_by_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(2048));
+    for i in 0..50i64 {
+        l.append(entry(vec![0u8; 100], 2, 1_000 + i * 10))
+            .await
+            .unwrap();
+    }
+    assert_eq!(l.find_offset_by_timestamp(0).await.unwrap(), Some(0));
+    assert_eq!(l.find_offset_by_timestamp(1_000).await.unwrap(), Some(0));
+    assert_eq!(l.find_offset_by_timestamp(1_001).await.unwrap(), Some(2));
+    assert_eq!(l.find_offset_by_timestamp(1_250).await.unwrap(), Some(50));
+    assert_eq!(l.find_offset_by_timestamp(1_490).await.unwrap(), Some(98));
+    assert_eq!(l.find_offset_by_timestamp(1_491).await.unwrap(), None);
+    // Sealed segments reload their indexes after a restart.
+    l.close().await;
+    drop(l);
+    let l = open(dir.path(), policy(2048));
+    assert_eq!(l.find_offset_by_timestamp(1_250).await.unwrap(), Some(50));
+    assert_eq!(l.read(77, 1).await.unwrap()[0].base_offset, 76);
+    l.close().await;
+}
+
+#[tokio::test]
+async fn tailing_read_wakes_on_append_without_polling() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    let reader = {
+        let l = l.clone();
+        tokio::spawn(async move { l.read_or_wait(0, 100, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!reader.is_finished());
+    let t0 = std::time::Instant::now();
+    l.append(entry("hello", 1, 0)).await.unwrap();
+    let got = reader.await.unwrap().unwrap();
+    assert_eq!(got[0].payload.as_ref(), b"hello");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // With nothing new it returns empty after the timeout.
+    let empty = l
+        .read_or_wait(1, 100, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert!(empty.is_empty());
+    l.close().await;
+}
+
+#[tokio::test]
+async fn trim_moves_start_and_deletes_whole_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(4096));
+    for _ in 0..100 {
+        l.append(entry(vec![1u8; 300], 1, 0)).await.unwrap();
+    }
+    let before = l.stats().segments;
+    assert_eq!(l.trim(50).await.unwrap(), 50);
+    assert_eq!(l.start_offset(), 50);
+    assert!(l.stats().segments < before);
+    assert!(matches!(
+        l.read(10, 1).await,
+        Err(BrokerError::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(l.read(50, 1).await.unwrap()[0].base_offset, 50);
+    l.close().await;
+    drop(l);
+    let l = open(dir.path(), policy(4096));
+    assert_eq!(l.start_offset(), 50, "the start offset survives a restart");
+    l.close().await;
+}
+
+#[tokio::test]
+async fn retention_waits_for_durable_cursors_and_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(4096));
+    let c = l
+        .open_cursor("sub", InitialPosition::Earliest)
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        l.append(entry(vec![1u8; 300], 1, 1_000)).await.unwrap();
+    }
+    let segments = l.stats().segments;
+    let expire_all = NamespacePolicy {
+        retention_ms: 10,
+        ..policy(4096)
+    };
+    // The cursor has read nothing: nothing may go.
+    assert_eq!(l.apply_retention(&expire_all, 1_000_000).await.unwrap(), 0);
+    c.ack_cumulative(40);
+    let n = l.apply_retention(&expire_all, 1_000_000).await.unwrap();
+    assert!(n > 0 && l.stats().segments == segments - n);
+    assert!(l.start_offset() <= 40, "never past the cursor");
+    // A policy that keeps everything deletes nothing even when acked.
+    c.ack_cumulative(100);
+    let keep = NamespacePolicy {
+        retention_ms: -1,
+        retention_bytes: -1,
+        ..policy(4096)
+    };
+    assert_eq!(l.apply_retention(&keep, 1_000_000).await.unwrap(), 0);
+    // Size retention keeps the newest bytes; the active segment always stays.
+    let by_size = NamespacePolicy {
+        retention_ms: -1,
+        retention_bytes: 8192,
+        ..policy(4096)
+    };
+    l.apply_retention(&by_size, 1_000_000).await.unwrap();
+    assert!(l.stats().size_bytes <= 8192 + 4096);
+    assert_eq!(l.end_offset(), 100);
+    l.close().await;
+}
+
+#[tokio::test]
+async fn cursors_persist_with_individual_acks_and_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    for _ in 0..10 {
+        l.append(entry(vec![0u8; 60], 1, 0)).await.unwrap();
+    }
+    let c = l
+        .open_cursor("group", InitialPosition::Earliest)
+        .await
+        .unwrap();
+    c.ack_cumulative(3);
+    c.ack(5);
+    c.ack(6);
+    c.set_property("meta", "hello");
+    assert_eq!(l.backlog(&c).messages, 5);
+    let latest = l
+        .open_cursor("late", InitialPosition::Latest)
+        .await
+        .unwrap();
+    assert_eq!(latest.mark_delete(), 10);
+    l.persist_cursors().await.unwrap();
+    l.close().await;
+    drop((l, c, latest));
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(
+        l.cursor_names(),
+        vec!["group".to_string(), "late".to_string()]
+    );
+    let c = l
+        .open_cursor("group", InitialPosition::Latest)
+        .await
+        .unwrap();
+    assert_eq!(c.mark_delete(), 3, "an existing cursor keeps its position");
+    assert!(c.is_acked(5) && c.is_acked(6) && !c.is_acked(4) && !c.is_acked(7));
+    assert_eq!(c.property("meta").as_deref(), Some("hello"));
+    let b = l.backlog(&c);
+    assert_eq!(b.messages, 5);
+    assert!(b.bytes > 0);
+    c.ack(3);
+    c.ack(4);
+    assert_eq!(c.mark_delete(), 7);
+    assert!(l.delete_cursor("late").await.unwrap());
+    l.close().await;
+    drop(l);
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.cursor_names(), vec!["group".to_string()]);
+    assert_eq!(l.cursor("group").unwrap().mark_delete(), 7);
+    l.close().await;
+}
+
+#[tokio::test]
+async fn fsync_policies_all_complete_appends() {
+    for fsync in [
+        broker::FsyncPolicy::Always,
+        broker::FsyncPolicy::Group,
+        broker::FsyncPolicy::Interval,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = NamespacePolicy {
+            fsync,
+            fsync_interval_ms: 5,
+            ..policy(1 << 20)
+        };
+        let l = open(dir.path(), p.clone());
+        let mut handles = Vec::new();
+        for i in 0..64u32 {
+            let l = l.clone();
+            handles.push(tokio::spawn(async move {
+                l.append(entry(vec![i as u8; 10], 1, 0)).await
+            }));
+        }
+        let mut offsets: Vec<u64> = Vec::new();
+        for h in handles {
+            offsets.push(h.await.unwrap().unwrap().base_offset);
+        }
+        offsets.sort_unstable();
+        assert_eq!(offsets, (0..64).collect::<Vec<_>>(), "{fsync:?}");
+        l.close().await;
+        drop(l);
+        let l = open(dir.path(), p);
+        assert_eq!(l.end_offset(), 64, "{fsync:?}");
+        l.close().await;
+    }
+}
+
+#[tokio::test]
+async fn oversized_and_empty_entries_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    let big = vec![0u8; broker::LedgerOptions::default().max_entry_bytes + 1];
+    assert!(matches!(
+        l.append(entry(big, 1, 0)).await,
+        Err(BrokerError::EntryTooLarge { .. })
+    ));
+    assert!(matches!(
+        l.append(entry("x", 0, 0)).await,
+        Err(BrokerError::InvalidArgument(_))
+    ));
+    assert_eq!(l.end_offset(), 0);
+    l.close().await;
+}
