@@ -93,6 +93,8 @@ pub struct LedgerStats {
     pub end_offset: u64,
     pub size_bytes: u64,
     pub segments: usize,
+    /// fsyncs of segment data since the ledger was opened.
+    pub fsyncs: u64,
 }
 
 /// Backlog of a cursor.
@@ -146,6 +148,7 @@ pub struct Ledger {
     cursors_removed: AtomicBool,
     budget: Arc<Semaphore>,
     closed: AtomicBool,
+    fsyncs: AtomicU64,
 }
 
 const CURSORS_FILE: &str = "cursors.json";
@@ -328,6 +331,7 @@ impl Ledger {
             cursors_removed: AtomicBool::new(false),
             budget,
             closed: AtomicBool::new(false),
+            fsyncs: AtomicU64::new(0),
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -633,6 +637,7 @@ impl Ledger {
             end_offset: self.end_offset(),
             size_bytes: map.values().map(|s| s.size()).sum(),
             segments: map.len(),
+            fsyncs: self.fsyncs.load(Ordering::Relaxed),
         }
     }
 
@@ -1011,6 +1016,7 @@ impl Writer {
                 .sync_data()
                 .map_err(|e| BrokerError::io(&self.active.path, e))?;
             metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+            self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.dirty = false;
         }
         Ok(())
@@ -1115,6 +1121,7 @@ impl Writer {
                         Ok(())
                     } else {
                         metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+                        self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
                         self.active.file.sync_data()
                     }
                 });

@@ -1,0 +1,306 @@
+//! `ledger-bench`: append and read throughput of the managed ledger against
+//! the raw ceiling of the same disk, measured in the same run.
+//!
+//! For each message size (100 B, 1 KiB, 64 KiB) and fsync policy, 64
+//! concurrent producers append one message per entry for a fixed time. The
+//! raw ceiling then writes the same number of bytes to a plain file in the
+//! same directory with the same fsync cadence (the ledger's own fsync count
+//! over the same bytes). Reads: a catch-up read of the whole ledger through
+//! `Ledger::read`, against a plain read of its segment files (both from the
+//! page cache), and the throughput a tailing reader sees while producers
+//! append.
+//!
+//! Prints a table and appends it to BENCHMARKS.md (or the file given with
+//! `--out`). Usage: `cargo run --release -p broker --bin ledger-bench --
+//! [--seconds N] [--dir DIR] [--out FILE]`.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker::{AppendEntry, EntryFormat, FsyncPolicy, Ledger, LedgerOptions, NamespacePolicy};
+use tokio::sync::Semaphore;
+
+const PRODUCERS: usize = 64;
+
+struct Args {
+    seconds: f64,
+    dir: Option<PathBuf>,
+    out: PathBuf,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        seconds: 3.0,
+        dir: None,
+        out: PathBuf::from("BENCHMARKS.md"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let v = it.next().unwrap_or_default();
+        match k.as_str() {
+            "--seconds" => a.seconds = v.parse().unwrap_or(3.0),
+            "--dir" => a.dir = Some(PathBuf::from(v)),
+            "--out" => a.out = PathBuf::from(v),
+            _ => {
+                eprintln!("usage: ledger-bench [--seconds N] [--dir DIR] [--out FILE]");
+                std::process::exit(2);
+            }
+        }
+    }
+    a
+}
+
+struct AppendResult {
+    messages: u64,
+    bytes: u64,
+    secs: f64,
+    fsyncs: u64,
+    tail_messages: u64,
+}
+
+async fn append_run(
+    dir: &Path,
+    size: usize,
+    fsync: FsyncPolicy,
+    secs: f64,
+) -> (Arc<Ledger>, AppendResult) {
+    let policy = NamespacePolicy {
+        fsync,
+        segment_bytes: 256 * 1024 * 1024,
+        ..NamespacePolicy::default()
+    };
+    let l = Ledger::open(
+        "bench",
+        dir,
+        policy,
+        LedgerOptions::default(),
+        Arc::new(Semaphore::new(1 << 20)),
+    )
+    .expect("ledger opens");
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let payload = bytes::Bytes::from(vec![0x5au8; size]);
+    // A tailing reader follows the producers.
+    let tail = {
+        let l = l.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut at = 0u64;
+            let mut seen = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match l.read_or_wait(at, 1 << 20, Duration::from_millis(50)).await {
+                    Ok(es) => {
+                        for e in es {
+                            seen += u64::from(e.count);
+                            at = e.end_offset();
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            seen
+        })
+    };
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..PRODUCERS {
+        let l = l.clone();
+        let stop = stop.clone();
+        let count = count.clone();
+        let payload = payload.clone();
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                l.append(AppendEntry {
+                    format: EntryFormat::Messages,
+                    count: 1,
+                    first_timestamp: 0,
+                    max_timestamp: 0,
+                    payload: payload.clone(),
+                })
+                .await
+                .expect("append");
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.expect("producer");
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let tail_messages = tail.await.unwrap_or(0);
+    let messages = count.load(Ordering::Relaxed);
+    let st = l.stats();
+    (
+        l,
+        AppendResult {
+            messages,
+            bytes: messages * size as u64,
+            secs: elapsed,
+            fsyncs: st.fsyncs,
+            tail_messages,
+        },
+    )
+}
+
+/// Writes `total` bytes sequentially to a plain file with `fsyncs` evenly
+/// spaced fdatasyncs; returns MB/s.
+fn raw_write(dir: &Path, total: u64, fsyncs: u64) -> f64 {
+    let path = dir.join("raw-ceiling.bin");
+    let mut f = std::fs::File::create(&path).expect("raw file");
+    let chunk = (total / fsyncs.max(1)).max(1) as usize;
+    let buf = vec![0x5au8; chunk.min(8 << 20)];
+    let t0 = Instant::now();
+    let mut written = 0u64;
+    while written < total {
+        let mut left = chunk.min((total - written) as usize);
+        while left > 0 {
+            let n = left.min(buf.len());
+            f.write_all(&buf[..n]).expect("write");
+            left -= n;
+            written += n as u64;
+        }
+        if fsyncs > 0 {
+            f.sync_data().expect("fdatasync");
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    total as f64 / secs / 1e6
+}
+
+/// Plain read of every file in `dir` (after one warm-up pass); MB/s.
+fn raw_read(dir: &Path) -> f64 {
+    let files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pass = || {
+        let mut total = 0u64;
+        for p in &files {
+            let mut f = std::fs::File::open(p).expect("open");
+            loop {
+                let n = f.read(&mut buf).expect("read");
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+        total
+    };
+    pass();
+    let t0 = Instant::now();
+    let total = pass();
+    total as f64 / t0.elapsed().as_secs_f64() / 1e6
+}
+
+async fn ledger_read(l: &Arc<Ledger>) -> f64 {
+    // Warm-up pass, then the measured one.
+    let mut mbps = 0.0;
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let mut at = l.start_offset();
+        let mut bytes = 0u64;
+        while at < l.end_offset() {
+            let es = l.read(at, 1 << 20).await.expect("read");
+            for e in es {
+                bytes += e.stored_size() as u64;
+                at = e.end_offset();
+            }
+        }
+        mbps = bytes as f64 / t0.elapsed().as_secs_f64() / 1e6;
+    }
+    mbps
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let base = a
+        .dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/ledger-bench"));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).expect("bench dir");
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| policy | msg size | msgs/s | MB/s | fsyncs | raw MB/s (same fsyncs) | ratio | tail msgs/s | read MB/s | raw read MB/s | read ratio |"
+    );
+    let _ = writeln!(
+        table,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    println!(
+        "{PRODUCERS} concurrent producers, one message per entry, {}s per case",
+        a.seconds
+    );
+    for fsync in [
+        FsyncPolicy::Always,
+        FsyncPolicy::Group,
+        FsyncPolicy::Interval,
+    ] {
+        for size in [100usize, 1024, 65536] {
+            let dir = base.join(format!("{fsync:?}-{size}").to_lowercase());
+            let (l, r) = append_run(&dir, size, fsync, a.seconds).await;
+            let ledger_mbps = r.bytes as f64 / r.secs / 1e6;
+            let raw = raw_write(&dir, r.bytes, r.fsyncs);
+            let read = ledger_read(&l).await;
+            let raw_read = raw_read(&dir);
+            l.close().await;
+            let row = format!(
+                "| {} | {} B | {:.0} | {:.1} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                format!("{fsync:?}").to_lowercase(),
+                size,
+                r.messages as f64 / r.secs,
+                ledger_mbps,
+                r.fsyncs,
+                raw,
+                ledger_mbps / raw,
+                r.tail_messages as f64 / r.secs,
+                read,
+                raw_read,
+                read / raw_read,
+            );
+            println!("{row}");
+            let _ = writeln!(table, "{row}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let section = format!(
+        "\n## ledger-bench, {date}\n\n`cargo run --release -p broker --bin ledger-bench -- --seconds {}`\n\n\
+         {PRODUCERS} concurrent producers append one message per entry. \"raw\" writes the same bytes to a plain file \
+         in the same directory with the same number of fdatasyncs; \"ratio\" is ledger / raw. Reads: a catch-up read of \
+         the whole ledger vs a plain read of its segment files, both from the page cache. \"tail\" is what a concurrent \
+         `read_or_wait` reader received.\n\n{table}",
+        a.seconds
+    );
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.out)
+        .expect("open output");
+    if f.metadata().map(|m| m.len() == 0).unwrap_or(true) {
+        let _ = f.write_all(
+            b"# Benchmarks\n\nEach section is one run, appended by the program named in it.\n",
+        );
+    }
+    f.write_all(section.as_bytes()).expect("append");
+    let _ = std::fs::remove_dir_all(&base);
+    println!("appended to {}", a.out.display());
+}
