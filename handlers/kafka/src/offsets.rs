@@ -43,8 +43,10 @@ const LATEST: i64 = -1;
 pub(crate) async fn list_offsets(
     state: &State,
     req: ListOffsetsRequest,
-    _version: i16,
+    version: i16,
 ) -> ListOffsetsResponse {
+    // leader_epoch exists from v4; below it must stay at its default.
+    let epoch = if version >= 4 { 0 } else { -1 };
     let mut topics = Vec::new();
     for t in req.topics {
         let name = t.name.0.to_string();
@@ -54,7 +56,7 @@ pub(crate) async fn list_offsets(
                 .with_partition_index(p.partition_index)
                 .with_timestamp(-1)
                 .with_offset(-1)
-                .with_leader_epoch(0);
+                .with_leader_epoch(epoch);
             let r = match list_one(state, &name, p.partition_index, p.timestamp).await {
                 Ok((offset, ts)) => r.with_offset(offset).with_timestamp(ts),
                 Err(e) => r.with_error_code(e.code()).with_leader_epoch(-1),

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The Kafka suite: kafka-python, confluent-kafka (librdkafka) and kcat against the real binary.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+mkdir -p "$root/conformance/logs"
+exec "$root/conformance/.venv/bin/python" -m pytest "$here" -q -p no:cacheprovider \
+  --timeout=300 --junitxml="$root/conformance/logs/$(basename "$here").xml" "$@"

@@ -1,0 +1,102 @@
+"""Bad input never takes more than its own connection down, and never damages
+stored data; the protocol's own errors are answered where Kafka answers them."""
+
+import struct
+
+from kraw import Raw, batch, metadata_v1, parse_produce_v3, produce_v3
+
+PRODUCE, METADATA, API_VERSIONS = 0, 3, 18
+
+
+def ensure_topic(port, topic):
+    r = Raw(port)
+    r.request(METADATA, 1, metadata_v1([topic]))
+    r.response()
+    r.close()
+
+
+def test_api_versions_too_new_gets_a_v0_answer(kafka_gw):
+    r = Raw(kafka_gw.port("kafka"))
+    corr = r.request(API_VERSIONS, 99, b"")
+    c, data = r.response()
+    assert c == corr
+    (err,) = struct.unpack_from(">h", data, 0)
+    assert err == 35  # UNSUPPORTED_VERSION, then the supported list
+    (n,) = struct.unpack_from(">i", data, 2)
+    keys = {struct.unpack_from(">hhh", data, 6 + 6 * i)[0] for i in range(n)}
+    assert {0, 1, 3, 18} <= keys
+    # The connection stays usable: v0 works.
+    corr = r.request(API_VERSIONS, 0, b"")
+    c, data = r.response()
+    assert c == corr and struct.unpack_from(">h", data, 0)[0] == 0
+
+
+def test_oversized_frame_closes_only_that_connection(kafka_gw):
+    port = kafka_gw.port("kafka")
+    good = Raw(port)
+    bad = Raw(port)
+    bad.send_raw(struct.pack(">i", 0x7FFFFFF0) + b"\x00" * 16)
+    assert bad.is_closed()
+    corr = good.request(API_VERSIONS, 0, b"")
+    assert good.response()[0] == corr
+
+
+def test_garbage_and_unknown_api_close_the_connection(kafka_gw):
+    port = kafka_gw.port("kafka")
+    witness = Raw(port)
+    r = Raw(port)
+    r.send_raw(struct.pack(">i", 3) + b"abc")
+    assert r.is_closed()
+    r = Raw(port)
+    r.request(9999, 0, b"")
+    assert r.is_closed()
+    r = Raw(port)
+    r.request(METADATA, 1, b"\x7f\xff\xff\xff")  # a topic array that lies
+    assert r.is_closed()
+    r = Raw(port)
+    r.request(METADATA, 9, b"\xff\xff\xff\xff\x0f")  # a compact array that lies
+    assert r.is_closed()
+    # The gateway itself is unharmed: an older connection still works.
+    corr = witness.request(API_VERSIONS, 0, b"")
+    assert witness.response()[0] == corr
+
+
+def test_crc_mismatch_and_corrupt_batches_are_rejected(kafka_gw, topic_name):
+    port = kafka_gw.port("kafka")
+    ensure_topic(port, topic_name)
+    r = Raw(port)
+    good = batch([(b"k", b"v", [])])
+    bad_crc = bytearray(good)
+    bad_crc[-1] ^= 0xFF
+    r.request(PRODUCE, 3, produce_v3(topic_name, 0, bytes(bad_crc)))
+    [(_, _, err, _)] = parse_produce_v3(r.response()[1])
+    assert err == 2  # CORRUPT_MESSAGE
+    r.request(PRODUCE, 3, produce_v3(topic_name, 0, good[:30]))
+    [(_, _, err, _)] = parse_produce_v3(r.response()[1])
+    assert err == 2
+    r.request(PRODUCE, 3, produce_v3(topic_name, 0, good))
+    [(_, _, err, base)] = parse_produce_v3(r.response()[1])
+    assert err == 0 and base == 0  # nothing corrupt was stored before it
+
+
+def test_idempotent_retry_is_deduplicated(kafka_gw, topic_name):
+    port = kafka_gw.port("kafka")
+    ensure_topic(port, topic_name)
+    r = Raw(port)
+    b0 = batch([(b"a", b"1", []), (b"b", b"2", [])], producer_id=4242, epoch=0, base_sequence=0)
+    b1 = batch([(b"c", b"3", [])], producer_id=4242, epoch=0, base_sequence=2)
+    gap = batch([(b"d", b"4", [])], producer_id=4242, epoch=0, base_sequence=7)
+    results = []
+    for b in (b0, b0, b1, b1, gap):
+        r.request(PRODUCE, 3, produce_v3(topic_name, 0, b))
+        [(_, _, err, base)] = parse_produce_v3(r.response()[1])
+        results.append((err, base))
+    assert results[:4] == [(0, 0), (0, 0), (0, 2), (0, 2)]
+    assert results[4][0] == 45  # OUT_OF_ORDER_SEQUENCE_NUMBER
+    # Across a SIGKILL restart the retry is still recognised.
+    kafka_gw.kill()
+    kafka_gw.restart()
+    r = Raw(port)
+    r.request(PRODUCE, 3, produce_v3(topic_name, 0, b1))
+    [(_, _, err, base)] = parse_produce_v3(r.response()[1])
+    assert (err, base) == (0, 2)
