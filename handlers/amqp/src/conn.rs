@@ -785,7 +785,13 @@ impl Conn {
                     }
                 }
             }
-            FRAME_HEADER | FRAME_BODY => self.content_frame(ch_id, f).await,
+            FRAME_HEADER | FRAME_BODY => match self.content_frame(ch_id, f).await {
+                Err(Exc::Channel(code, text)) => {
+                    self.channel_exception(ch_id, code, text, (60, 40)).await;
+                    Ok(())
+                }
+                other => other,
+            },
             _ => Err(conn_exc(ReplyCode::FrameError, "unknown frame type")),
         }
     }
