@@ -1,0 +1,1170 @@
+//! One MQTT connection: CONNECT, session takeover, the publish flows in
+//! both directions, subscriptions and their feeds, wills and keep-alive.
+//!
+//! A connection task owns its session while connected. Each partition its
+//! subscriptions match is read by a *feed* task (from a durable cursor for
+//! a persistent session, from an in-memory position otherwise) that sends
+//! decoded messages into a small bounded channel; the connection pulls
+//! from it only while its in-flight window (the client's Receive Maximum)
+//! has room, so a slow client back-pressures its feeds, not the broker.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use broker::message::now_ms;
+use broker::{BrokerError, Cursor, InitialPosition, Ledger, Message};
+use bytes::BytesMut;
+use handler_api::{AsyncStream, CancellationToken, HandlerError};
+use mapping::mqtt::{self as map, MqttPublish, ReasonCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::codec::{
+    self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, SubAck,
+    UnsubAck, Version,
+};
+use crate::state::{
+    expiry_deadline, qos_label, FeedKey, KnownTopic, Online, Session, Shared, SubRecord,
+};
+
+type Io = Box<dyn AsyncStream>;
+
+/// How a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// DISCONNECT without will.
+    Normal,
+    /// v5 DISCONNECT 0x04, network failure, keep-alive, protocol error.
+    WithWill,
+    /// Another connection took the session over.
+    TakenOver,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+struct Delivery {
+    key: FeedKey,
+    cursor: Option<Arc<Cursor>>,
+    offset: u64,
+    msg: Message,
+    fallback: Arc<str>,
+}
+
+struct Inflight {
+    origin: Option<(FeedKey, u64)>,
+    cursor: Option<Arc<Cursor>>,
+    qos: u8,
+    /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
+    released: bool,
+}
+
+/// A publish waiting for room in the window (retained messages).
+struct Pending {
+    publish: MqttPublish,
+    qos: u8,
+    sub_ids: Vec<u32>,
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    v: Version,
+    client_id: Arc<str>,
+    conn_id: u64,
+    /// Session expiry interval, seconds (0: ends with the connection).
+    expiry: u32,
+    session: Session,
+    wbuf: BytesMut,
+    max_out_packet: usize,
+    window: usize,
+    aliases: HashMap<u16, String>,
+    inflight: BTreeMap<u16, Inflight>,
+    pending: VecDeque<Pending>,
+    next_pkid: u16,
+    feeds: HashMap<FeedKey, AbortHandle>,
+    tx: mpsc::Sender<Delivery>,
+    will: Option<(MqttPublish, u32)>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for f in self.feeds.values() {
+            f.abort();
+        }
+    }
+}
+
+fn io_benign(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe
+    )
+}
+
+async fn write_packet(w: &mut WriteHalf<Io>, p: &Packet, v: Version) -> std::io::Result<()> {
+    let mut b = BytesMut::new();
+    codec::encode(p, v, &mut b);
+    w.write_all(&b).await?;
+    w.flush().await
+}
+
+fn connack(code: ReasonCode, v: Version) -> Packet {
+    Packet::ConnAck(ConnAck {
+        session_present: false,
+        code: if v == Version::V5 {
+            code.code()
+        } else {
+            code.connack_v3()
+        },
+        properties: Properties::default(),
+    })
+}
+
+/// Serves one MQTT connection over `io` until it ends.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    io: Io,
+    shutdown: CancellationToken,
+) -> Result<(), HandlerError> {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut rbuf = BytesMut::with_capacity(256);
+    let max = shared.config.max_packet_size as usize;
+    let deadline = Instant::now() + Duration::from_millis(shared.config.connect_timeout_ms);
+    // ---- CONNECT ----
+    let connect = loop {
+        match codec::decode(&mut rbuf, Version::V311, max) {
+            Ok(Some(Packet::Connect(c))) => break c,
+            Ok(Some(_)) => {
+                tracing::debug!("first packet is not CONNECT; closing");
+                return Ok(());
+            }
+            Ok(None) => {}
+            Err(DecodeError::UnsupportedLevel(l)) => {
+                tracing::debug!(level = l, "unsupported protocol level");
+                // Return code 1 in the 3.1.1 format, understood by all.
+                let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bad CONNECT; closing");
+                return Ok(());
+            }
+        }
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            r = rd.read_buf(&mut rbuf) => match r {
+                Ok(n) => n,
+                Err(e) if io_benign(&e) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if n == 0 {
+            return Ok(());
+        }
+    };
+    let v = connect.version;
+    metrics::counter!("manifold_mqtt_connects_total", "version" => match v {
+        Version::V31 => "3.1", Version::V311 => "3.1.1", Version::V5 => "5" })
+    .increment(1);
+    let Connect {
+        client_id,
+        clean_start,
+        keep_alive,
+        will,
+        properties,
+        ..
+    } = *connect;
+    // ---- validate ----
+    if properties.auth_method.is_some() {
+        let _ = write_packet(&mut wr, &connack(ReasonCode::BadAuthenticationMethod, v), v).await;
+        return Ok(());
+    }
+    let mut assigned = None;
+    let client_id: Arc<str> = if client_id.is_empty() {
+        if v != Version::V5 && !clean_start {
+            let _ = write_packet(
+                &mut wr,
+                &connack(ReasonCode::ClientIdentifierNotValid, v),
+                v,
+            )
+            .await;
+            return Ok(());
+        }
+        let id = format!(
+            "auto-{:016x}{:08x}",
+            now_ms(),
+            shared
+                .conn_ids
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        assigned = Some(id.clone());
+        id.into()
+    } else {
+        client_id.into()
+    };
+    if client_id.len() > shared.config.max_client_id_len {
+        let _ = write_packet(
+            &mut wr,
+            &connack(ReasonCode::ClientIdentifierNotValid, v),
+            v,
+        )
+        .await;
+        return Ok(());
+    }
+    let will = match will {
+        Some(w) => {
+            if map::validate_topic_name(&w.topic).is_err() {
+                let _ = write_packet(&mut wr, &connack(ReasonCode::TopicNameInvalid, v), v).await;
+                return Ok(());
+            }
+            let delay = w.properties.will_delay.unwrap_or(0);
+            let p = MqttPublish {
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                client_id: Some(client_id.to_string()),
+                payload_format: w.properties.payload_format,
+                message_expiry: w.properties.message_expiry,
+                content_type: w.properties.content_type,
+                response_topic: w.properties.response_topic,
+                correlation_data: w.properties.correlation_data,
+                user_properties: w.properties.user,
+            };
+            Some((p, delay))
+        }
+        None => None,
+    };
+    tracing::Span::current().record("client_id", &*client_id);
+    let expiry = if v == Version::V5 {
+        properties
+            .session_expiry
+            .unwrap_or(0)
+            .min(shared.config.max_session_expiry_secs)
+    } else if clean_start {
+        0
+    } else {
+        shared.config.persistent_session_expiry_secs
+    };
+    // ---- take the session over ----
+    let conn_id = shared
+        .conn_ids
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let kick = CancellationToken::new();
+    let (gone_tx, gone_rx) = watch::channel(());
+    let mut prev: Option<Session> = None;
+    for attempt in 0..3 {
+        let wait = {
+            let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = s.entry(client_id.clone()).or_default();
+            match &slot.online {
+                Some(on) if attempt < 2 => {
+                    on.kick.cancel();
+                    Some(on.gone.clone())
+                }
+                _ => {
+                    if let Some(w) = slot.will.take() {
+                        w.abort();
+                    }
+                    prev = slot.stored.take();
+                    slot.online = Some(Online {
+                        conn_id,
+                        kick: kick.clone(),
+                        gone: gone_rx.clone(),
+                    });
+                    slot.expires_at_ms = None;
+                    None
+                }
+            }
+        };
+        match wait {
+            None => break,
+            Some(mut g) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), g.changed()).await;
+            }
+        }
+    }
+    let session_present = !clean_start && prev.is_some();
+    let session = if clean_start {
+        if prev.is_some() {
+            shared.delete_session_state(&client_id).await;
+        }
+        Session::default()
+    } else {
+        prev.unwrap_or_default()
+    };
+    let mut conn = Conn {
+        v,
+        client_id: client_id.clone(),
+        conn_id,
+        expiry,
+        session,
+        wbuf: BytesMut::new(),
+        max_out_packet: properties
+            .maximum_packet_size
+            .map_or(usize::MAX, |m| m as usize),
+        window: usize::from(
+            properties
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(shared.config.max_inflight),
+        ),
+        aliases: HashMap::new(),
+        inflight: BTreeMap::new(),
+        pending: VecDeque::new(),
+        next_pkid: 1,
+        feeds: HashMap::new(),
+        tx: mpsc::channel(1).0,
+        will,
+        shared: shared.clone(),
+    };
+    conn.session.record.expiry = expiry;
+    if expiry > 0 {
+        if let Err(e) = shared.store_session(&client_id, &conn.session.record).await {
+            tracing::warn!(error = %e, "could not store session");
+            let _ = write_packet(&mut wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
+            conn.release(End::Normal, gone_tx).await;
+            return Ok(());
+        }
+    }
+    // ---- CONNACK ----
+    let mut props = Properties::default();
+    if v == Version::V5 {
+        props.assigned_client_id = assigned;
+        props.receive_maximum = Some(shared.config.receive_maximum);
+        props.topic_alias_maximum = Some(shared.config.topic_alias_maximum);
+        props.maximum_packet_size = Some(shared.config.max_packet_size);
+        props.retain_available = Some(1);
+        props.wildcard_sub_available = Some(1);
+        props.sub_id_available = Some(1);
+        props.shared_sub_available = Some(0);
+        if properties.session_expiry.unwrap_or(0) != expiry {
+            props.session_expiry = Some(expiry);
+        }
+    }
+    conn.wbuf_packet(&Packet::ConnAck(ConnAck {
+        session_present,
+        code: 0,
+        properties: props,
+    }));
+    let (tx, rx) = mpsc::channel(32);
+    conn.tx = tx;
+    let new_topics = shared.new_topics.subscribe();
+    // Resume: PUBRELs owed, then feeds for every matching topic.
+    for id in conn.session.record.pubrel.clone() {
+        conn.inflight.insert(
+            id,
+            Inflight {
+                origin: None,
+                cursor: None,
+                qos: 2,
+                released: true,
+            },
+        );
+        conn.wbuf_packet(&Packet::PubRel(Ack::ok(id)));
+    }
+    if session_present {
+        for k in shared.known_topics() {
+            conn.start_feeds(&k, None).await;
+        }
+    }
+    let end = conn
+        .serve(
+            &mut rd, &mut wr, rbuf, rx, new_topics, keep_alive, &shutdown, &kick,
+        )
+        .await;
+    let end = match end {
+        Ok(e) => e,
+        Err(e) => {
+            conn.release(End::WithWill, gone_tx).await;
+            return if io_benign(&e) { Ok(()) } else { Err(e.into()) };
+        }
+    };
+    let _ = wr.shutdown().await;
+    conn.release(end, gone_tx).await;
+    Ok(())
+}
+
+impl Conn {
+    fn wbuf_packet(&mut self, p: &Packet) {
+        codec::encode(p, self.v, &mut self.wbuf);
+    }
+
+    fn disconnect(&mut self, reason: ReasonCode) {
+        if self.v == Version::V5 {
+            self.wbuf_packet(&Packet::Disconnect(Disconnect {
+                reason: reason.code(),
+                properties: Properties::default(),
+            }));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve(
+        &mut self,
+        rd: &mut ReadHalf<Io>,
+        wr: &mut WriteHalf<Io>,
+        mut rbuf: BytesMut,
+        mut rx: mpsc::Receiver<Delivery>,
+        mut new_topics: broadcast::Receiver<Arc<KnownTopic>>,
+        keep_alive: u16,
+        shutdown: &CancellationToken,
+        kick: &CancellationToken,
+    ) -> std::io::Result<End> {
+        let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let mut last_rx = Instant::now();
+        let max = self.shared.config.max_packet_size as usize;
+        let end = 'outer: loop {
+            // Retained messages queued for the window go first.
+            while self.inflight.len() < self.window {
+                let Some(p) = self.pending.pop_front() else {
+                    break;
+                };
+                self.send_publish(p.publish, p.qos, true, p.sub_ids, None, None);
+            }
+            self.flush(wr).await?;
+            let ka_deadline = ka.map_or_else(
+                || Instant::now() + Duration::from_secs(86_400),
+                |d| last_rx + d,
+            );
+            let room = self.inflight.len() < self.window && self.pending.is_empty();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.disconnect(ReasonCode::ServerShuttingDown);
+                    break End::Shutdown;
+                }
+                _ = kick.cancelled() => {
+                    self.disconnect(ReasonCode::SessionTakenOver);
+                    break End::TakenOver;
+                }
+                _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
+                    tracing::debug!("keep-alive timeout");
+                    self.disconnect(ReasonCode::KeepAliveTimeout);
+                    break End::WithWill;
+                }
+                r = rd.read_buf(&mut rbuf) => {
+                    let n = r?;
+                    if n == 0 {
+                        break End::WithWill;
+                    }
+                    last_rx = Instant::now();
+                    loop {
+                        match codec::decode(&mut rbuf, self.v, max) {
+                            Ok(Some(p)) => {
+                                if let Some(e) = self.handle(p).await {
+                                    break 'outer e;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "bad packet; closing");
+                                let rc = match e {
+                                    DecodeError::TooLarge { .. } => ReasonCode::PacketTooLarge,
+                                    DecodeError::Protocol(_) => ReasonCode::ProtocolError,
+                                    _ => ReasonCode::MalformedPacket,
+                                };
+                                self.disconnect(rc);
+                                break 'outer End::WithWill;
+                            }
+                        }
+                    }
+                    if rbuf.is_empty() && rbuf.capacity() > 16 * 1024 {
+                        rbuf = BytesMut::with_capacity(256);
+                    }
+                    if rbuf.capacity() - rbuf.len() < 128 {
+                        rbuf.reserve(1024);
+                    }
+                }
+                d = rx.recv(), if room => {
+                    let Some(d) = d else { continue };
+                    self.deliver(d);
+                    while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
+                        match rx.try_recv() {
+                            Ok(d) => self.deliver(d),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                t = new_topics.recv() => {
+                    match t {
+                        Ok(k) => self.start_feeds(&k, None).await,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            for k in self.shared.known_topics() {
+                                self.start_feeds(&k, None).await;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Closed) => {}
+                    }
+                }
+            }
+        };
+        self.flush(wr).await?;
+        Ok(end)
+    }
+
+    async fn flush(&mut self, wr: &mut WriteHalf<Io>) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            wr.write_all(&self.wbuf).await?;
+            wr.flush().await?;
+            self.wbuf.clear();
+            if self.wbuf.capacity() > 64 * 1024 {
+                self.wbuf = BytesMut::new();
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one packet; `Some` ends the connection.
+    async fn handle(&mut self, p: Packet) -> Option<End> {
+        match p {
+            Packet::Publish(p) => return self.on_publish(p).await,
+            Packet::PubAck(a) => {
+                if let Some(f) = self.inflight.get(&a.pkid) {
+                    if f.qos == 1 {
+                        let f = self.inflight.remove(&a.pkid)?;
+                        ack(&f);
+                    }
+                }
+            }
+            Packet::PubRec(a) => match self.inflight.get_mut(&a.pkid) {
+                Some(f) if f.qos == 2 && !f.released => {
+                    // Delivered: the client owns it now.
+                    ack(f);
+                    if self.v == Version::V5 && a.reason >= 0x80 {
+                        self.inflight.remove(&a.pkid);
+                    } else {
+                        f.released = true;
+                        self.session.record.pubrel.push(a.pkid);
+                        self.wbuf_packet(&Packet::PubRel(Ack::ok(a.pkid)));
+                    }
+                }
+                Some(f) if f.released => self.wbuf_packet(&Packet::PubRel(Ack::ok(a.pkid))),
+                _ => {
+                    let mut r = Ack::ok(a.pkid);
+                    r.reason = ReasonCode::PacketIdentifierNotFound.code();
+                    self.wbuf_packet(&Packet::PubRel(r));
+                }
+            },
+            Packet::PubComp(a) => {
+                if self.inflight.get(&a.pkid).is_some_and(|f| f.released) {
+                    self.inflight.remove(&a.pkid);
+                    self.session.record.pubrel.retain(|&x| x != a.pkid);
+                }
+            }
+            Packet::PubRel(a) => {
+                let found = self.session.qos2_in.remove(&a.pkid);
+                let mut r = Ack::ok(a.pkid);
+                if !found {
+                    r.reason = ReasonCode::PacketIdentifierNotFound.code();
+                }
+                self.wbuf_packet(&Packet::PubComp(r));
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
+            Packet::PingReq => self.wbuf_packet(&Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if let Some(e) = d.properties.session_expiry {
+                    if self.expiry == 0 && e > 0 {
+                        self.disconnect(ReasonCode::ProtocolError);
+                        return Some(End::WithWill);
+                    }
+                    self.expiry = e.min(self.shared.config.max_session_expiry_secs);
+                }
+                return Some(if d.reason == ReasonCode::DisconnectWithWill.code() {
+                    End::WithWill
+                } else {
+                    End::Normal
+                });
+            }
+            Packet::Connect(_) => {
+                self.disconnect(ReasonCode::ProtocolError);
+                return Some(End::WithWill);
+            }
+            Packet::Auth(_) => {
+                self.disconnect(ReasonCode::BadAuthenticationMethod);
+                return Some(End::WithWill);
+            }
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                self.disconnect(ReasonCode::ProtocolError);
+                return Some(End::WithWill);
+            }
+        }
+        None
+    }
+
+    async fn on_publish(&mut self, mut p: Publish) -> Option<End> {
+        if self.v == Version::V5 {
+            if let Some(alias) = p.properties.topic_alias {
+                if alias == 0 || alias > self.shared.config.topic_alias_maximum {
+                    self.disconnect(ReasonCode::TopicAliasInvalid);
+                    return Some(End::WithWill);
+                }
+                if p.topic.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => p.topic = t.clone(),
+                        None => {
+                            self.disconnect(ReasonCode::ProtocolError);
+                            return Some(End::WithWill);
+                        }
+                    }
+                } else {
+                    self.aliases.insert(alias, p.topic.clone());
+                }
+            }
+        }
+        if map::validate_topic_name(&p.topic).is_err() {
+            tracing::debug!(topic = %p.topic, "invalid topic name in PUBLISH");
+            self.disconnect(ReasonCode::TopicNameInvalid);
+            return Some(End::WithWill);
+        }
+        if p.qos == 2 {
+            if self.session.qos2_in.contains(&p.pkid) {
+                self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+                return None;
+            }
+            if self.session.qos2_in.len() >= usize::from(self.shared.config.receive_maximum) {
+                self.disconnect(ReasonCode::ReceiveMaximumExceeded);
+                return Some(End::WithWill);
+            }
+        }
+        let m = MqttPublish {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            client_id: Some(self.client_id.to_string()),
+            payload_format: p.properties.payload_format,
+            message_expiry: p.properties.message_expiry,
+            content_type: p.properties.content_type,
+            response_topic: p.properties.response_topic,
+            correlation_data: p.properties.correlation_data,
+            user_properties: p.properties.user,
+        };
+        if m.payload_format == Some(1) && std::str::from_utf8(&m.payload).is_err() {
+            return self.publish_failed(p.qos, p.pkid, ReasonCode::PayloadFormatInvalid);
+        }
+        if let Err(e) = self.shared.publish(&m).await {
+            tracing::warn!(error = %e, topic = %m.topic, "publish failed");
+            return self.publish_failed(p.qos, p.pkid, map::publish_error_reason(&e));
+        }
+        match p.qos {
+            1 => self.wbuf_packet(&Packet::PubAck(Ack::ok(p.pkid))),
+            2 => {
+                self.session.qos2_in.insert(p.pkid);
+                self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn publish_failed(&mut self, qos: u8, pkid: u16, rc: ReasonCode) -> Option<End> {
+        if self.v == Version::V5 && qos > 0 {
+            let mut a = Ack::ok(pkid);
+            a.reason = rc.code();
+            self.wbuf_packet(&if qos == 1 {
+                Packet::PubAck(a)
+            } else {
+                Packet::PubRec(a)
+            });
+            return None;
+        }
+        // 3.x cannot report a failed publish: close, as the spec asks.
+        self.disconnect(rc);
+        Some(End::WithWill)
+    }
+
+    async fn on_subscribe(&mut self, s: codec::Subscribe) {
+        let now = now_ms();
+        let sub_id = s.properties.subscription_ids.first().copied();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut fresh: Vec<(SubRecord, bool)> = Vec::new();
+        for (filter, o) in s.filters {
+            let failure = if self.v == Version::V5 {
+                None
+            } else {
+                Some(0x80)
+            };
+            match map::parse_shared(&filter) {
+                Ok(Some(_)) => {
+                    codes.push(
+                        failure.unwrap_or(ReasonCode::SharedSubscriptionsNotSupported.code()),
+                    );
+                    continue;
+                }
+                Err(_) => {
+                    codes.push(failure.unwrap_or(ReasonCode::TopicFilterInvalid.code()));
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            if map::validate_topic_filter(&filter).is_err() {
+                codes.push(failure.unwrap_or(ReasonCode::TopicFilterInvalid.code()));
+                continue;
+            }
+            let subs = &mut self.session.record.subs;
+            let existing = subs.iter().position(|x| x.filter == filter);
+            if existing.is_none() && subs.len() >= self.shared.config.max_subscriptions {
+                codes.push(failure.unwrap_or(ReasonCode::QuotaExceeded.code()));
+                continue;
+            }
+            let rec = SubRecord {
+                filter,
+                qos: o.qos,
+                nl: o.no_local,
+                rap: o.retain_as_published,
+                rh: o.retain_handling,
+                id: sub_id,
+                since_ms: existing.map_or(now, |i| subs[i].since_ms),
+            };
+            match existing {
+                Some(i) => subs[i] = rec.clone(),
+                None => subs.push(rec.clone()),
+            }
+            codes.push(o.qos);
+            fresh.push((rec, existing.is_none()));
+        }
+        if self.expiry > 0 {
+            if let Err(e) = self
+                .shared
+                .store_session(&self.client_id, &self.session.record)
+                .await
+            {
+                tracing::warn!(error = %e, "could not store session");
+                for c in &mut codes {
+                    if *c < 0x80 {
+                        *c = if self.v == Version::V5 {
+                            ReasonCode::UnspecifiedError.code()
+                        } else {
+                            0x80
+                        };
+                    }
+                }
+            }
+        }
+        // Feeds start at the current end of existing topics, so every
+        // message accepted after the SUBACK is delivered.
+        for k in self.shared.known_topics() {
+            if fresh
+                .iter()
+                .any(|(r, _)| map::topic_matches(&r.filter, &k.mqtt))
+            {
+                self.start_feeds(&k, Some(())).await;
+            }
+        }
+        self.wbuf_packet(&Packet::SubAck(SubAck {
+            pkid: s.pkid,
+            properties: Properties::default(),
+            codes,
+        }));
+        for (rec, is_new) in fresh {
+            let send = match rec.rh {
+                0 => true,
+                1 => is_new,
+                _ => false,
+            };
+            if !send {
+                continue;
+            }
+            for m in self.shared.retained_matching(&rec.filter) {
+                let p = map::message_to_publish(&m, "", now_ms());
+                if map::is_expired(&m, now_ms()) {
+                    continue;
+                }
+                if rec.nl && p.client_id.as_deref() == Some(&*self.client_id) {
+                    continue;
+                }
+                let qos = p.qos.min(rec.qos);
+                self.pending.push_back(Pending {
+                    publish: p,
+                    qos,
+                    sub_ids: rec.id.into_iter().collect(),
+                });
+            }
+        }
+    }
+
+    async fn on_unsubscribe(&mut self, u: codec::Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            let subs = &mut self.session.record.subs;
+            let before = subs.len();
+            subs.retain(|s| &s.filter != f);
+            codes.push(if subs.len() < before {
+                0
+            } else {
+                ReasonCode::NoSubscriptionExisted.code()
+            });
+        }
+        // Stop feeds (and drop cursors) of topics nothing matches any more.
+        let subs = self.session.record.subs.clone();
+        let topics = self.shared.known_topics();
+        let cname = map::session_cursor_name(&self.client_id);
+        let mut stop = Vec::new();
+        for key in self.feeds.keys() {
+            let mqtt = topics
+                .iter()
+                .find(|k| k.name == key.0)
+                .map(|k| k.mqtt.clone());
+            let matched =
+                mqtt.is_some_and(|t| subs.iter().any(|s| map::topic_matches(&s.filter, &t)));
+            if !matched {
+                stop.push(key.clone());
+            }
+        }
+        for key in stop {
+            if let Some(h) = self.feeds.remove(&key) {
+                h.abort();
+            }
+            if self.expiry > 0 {
+                if let Ok(l) = self.shared.broker.ledger(&key.0, key.1) {
+                    let _ = l.delete_cursor(&cname).await;
+                }
+            }
+        }
+        if self.expiry > 0 {
+            if let Err(e) = self
+                .shared
+                .store_session(&self.client_id, &self.session.record)
+                .await
+            {
+                tracing::warn!(error = %e, "could not store session");
+            }
+        }
+        self.wbuf_packet(&Packet::UnsubAck(UnsubAck {
+            pkid: u.pkid,
+            properties: Properties::default(),
+            codes,
+        }));
+    }
+
+    /// Starts feeds for every partition of `k` if a subscription matches it.
+    /// `at_end`: a new subscription on an existing topic starts at the end;
+    /// otherwise a feed starts where the session's cursor is, or at the
+    /// first message not older than the earliest matching subscription.
+    async fn start_feeds(&mut self, k: &KnownTopic, at_end: Option<()>) {
+        let since = self
+            .session
+            .record
+            .subs
+            .iter()
+            .filter(|s| map::topic_matches(&s.filter, &k.mqtt))
+            .map(|s| s.since_ms)
+            .min();
+        let Some(since) = since else { return };
+        let cname = map::session_cursor_name(&self.client_id);
+        for p in 0..k.partitions {
+            let key: FeedKey = Arc::new((k.name.clone(), p));
+            if self.feeds.contains_key(&key) {
+                continue;
+            }
+            let Ok(ledger) = self.shared.broker.ledger(&k.name, p) else {
+                continue;
+            };
+            let durable = self.expiry > 0;
+            let existing = durable.then(|| ledger.cursor(&cname)).flatten();
+            let pos = if existing.is_some() {
+                0
+            } else if at_end.is_some() {
+                ledger.end_offset()
+            } else {
+                match ledger.find_offset_by_timestamp(since).await {
+                    Ok(Some(o)) => o,
+                    _ => ledger.end_offset(),
+                }
+            };
+            let (cursor, next) = if durable {
+                let c = match existing {
+                    Some(c) => c,
+                    None => match ledger
+                        .open_cursor(&cname, InitialPosition::Offset(pos))
+                        .await
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not open cursor");
+                            continue;
+                        }
+                    },
+                };
+                let md = c.mark_delete();
+                (Some(c), md)
+            } else {
+                (None, pos)
+            };
+            let task = tokio::spawn(feed(
+                ledger,
+                key.clone(),
+                cursor,
+                next,
+                k.mqtt.clone(),
+                self.tx.clone(),
+            ));
+            self.feeds.insert(key, task.abort_handle());
+        }
+    }
+
+    fn deliver(&mut self, d: Delivery) {
+        let now = now_ms();
+        let ack_now = |d: &Delivery| {
+            if let Some(c) = &d.cursor {
+                c.ack(d.offset);
+            }
+        };
+        if map::is_expired(&d.msg, now) {
+            ack_now(&d);
+            return;
+        }
+        let p = map::message_to_publish(&d.msg, &d.fallback, now);
+        let mut qos: Option<u8> = None;
+        let mut ids = Vec::new();
+        let mut rap = false;
+        for s in &self.session.record.subs {
+            if !map::topic_matches(&s.filter, &p.topic) {
+                continue;
+            }
+            if s.nl && p.client_id.as_deref() == Some(&*self.client_id) {
+                continue;
+            }
+            qos = Some(qos.map_or(s.qos, |q| q.max(s.qos)));
+            if let Some(id) = s.id {
+                ids.push(id);
+            }
+            rap |= s.rap;
+        }
+        let Some(sq) = qos else {
+            ack_now(&d);
+            return;
+        };
+        let q = sq.min(p.qos);
+        let retain = rap && p.retain;
+        self.send_publish(p, q, retain, ids, Some((d.key, d.offset)), d.cursor);
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn send_publish(
+        &mut self,
+        p: MqttPublish,
+        qos: u8,
+        retain: bool,
+        sub_ids: Vec<u32>,
+        origin: Option<(FeedKey, u64)>,
+        cursor: Option<Arc<Cursor>>,
+    ) {
+        let mut dup = false;
+        let pkid = if qos > 0 {
+            match origin
+                .as_ref()
+                .and_then(|o| self.session.redeliver.remove(o))
+            {
+                Some(id) if !self.inflight.contains_key(&id) => {
+                    dup = true;
+                    id
+                }
+                _ => self.alloc_pkid(),
+            }
+        } else {
+            0
+        };
+        let properties = if self.v == Version::V5 {
+            Properties {
+                payload_format: p.payload_format,
+                message_expiry: p.message_expiry,
+                content_type: p.content_type,
+                response_topic: p.response_topic,
+                correlation_data: p.correlation_data,
+                subscription_ids: sub_ids,
+                user: p.user_properties,
+                ..Properties::default()
+            }
+        } else {
+            Properties::default()
+        };
+        let publish = Publish {
+            dup,
+            qos,
+            retain,
+            topic: p.topic,
+            pkid,
+            properties,
+            payload: p.payload,
+        };
+        if self.v == Version::V5 && codec::publish_size(&publish, self.v) > self.max_out_packet {
+            // The spec: discard as if it had been sent.
+            if let Some(c) = &cursor {
+                if let Some((_, off)) = &origin {
+                    c.ack(*off);
+                }
+            }
+            return;
+        }
+        codec::encode(&Packet::Publish(publish), self.v, &mut self.wbuf);
+        metrics::counter!("manifold_mqtt_messages_delivered_total", "qos" => qos_label(qos))
+            .increment(1);
+        let f = Inflight {
+            origin,
+            cursor,
+            qos,
+            released: false,
+        };
+        if qos == 0 {
+            ack(&f);
+        } else {
+            self.inflight.insert(pkid, f);
+        }
+    }
+
+    /// Gives the session back (or ends it), publishes the will when due.
+    async fn release(mut self, end: End, gone: watch::Sender<()>) {
+        for f in self.feeds.values() {
+            f.abort();
+        }
+        let shared = self.shared.clone();
+        let persistent = self.expiry > 0;
+        let now = now_ms();
+        // Unacknowledged deliveries are redelivered with DUP and their id.
+        for (id, f) in std::mem::take(&mut self.inflight) {
+            if let (false, Some(o)) = (f.released, f.origin) {
+                self.session.redeliver.insert(o, id);
+            }
+        }
+        if persistent {
+            self.session.record.expiry = self.expiry;
+            self.session.record.disconnected_ms = now;
+            if let Err(e) = shared
+                .store_session(&self.client_id, &self.session.record)
+                .await
+            {
+                tracing::warn!(error = %e, "could not store session");
+            }
+            let ledgers: Vec<Arc<Ledger>> = self
+                .feeds
+                .keys()
+                .filter_map(|k| shared.broker.ledger(&k.0, k.1).ok())
+                .collect();
+            for l in ledgers {
+                let _ = l.persist_cursors().await;
+            }
+        } else if self.session.record.expiry > 0 {
+            // Expiry lowered to 0 at DISCONNECT: the session ends now.
+            shared.delete_session_state(&self.client_id).await;
+        }
+        let session = std::mem::take(&mut self.session);
+        {
+            let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let mine = s
+                .get(&self.client_id)
+                .and_then(|slot| slot.online.as_ref())
+                .is_some_and(|o| o.conn_id == self.conn_id);
+            if mine {
+                if persistent {
+                    if let Some(slot) = s.get_mut(&self.client_id) {
+                        slot.online = None;
+                        slot.stored = Some(session);
+                        slot.expires_at_ms = expiry_deadline(self.expiry, now);
+                    }
+                } else {
+                    s.remove(&self.client_id);
+                }
+            }
+        }
+        drop(gone);
+        if matches!(end, End::WithWill | End::TakenOver) {
+            if let Some((w, delay)) = self.will.take() {
+                let delay = if persistent {
+                    delay.min(self.expiry)
+                } else {
+                    0
+                };
+                shared.schedule_will(&self.client_id, w, delay);
+            }
+        }
+    }
+}
+
+fn ack(f: &Inflight) {
+    if let (Some(c), Some((_, off))) = (&f.cursor, &f.origin) {
+        c.ack(*off);
+    }
+}
+
+/// Reads one partition from `next` on and hands messages to the
+/// connection, skipping those the cursor already acknowledged.
+async fn feed(
+    ledger: Arc<Ledger>,
+    key: FeedKey,
+    cursor: Option<Arc<Cursor>>,
+    mut next: u64,
+    fallback: Arc<str>,
+    tx: mpsc::Sender<Delivery>,
+) {
+    loop {
+        let entries = match ledger
+            .read_or_wait(next, 256 * 1024, Duration::from_secs(30))
+            .await
+        {
+            Ok(e) => e,
+            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => {
+                if next < start {
+                    next = start;
+                } else if next > end {
+                    next = end;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+            Err(BrokerError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(ledger = ledger.name(), error = %e, "feed read failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for e in entries {
+            let msgs = match mapping::entry_messages(&e) {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::warn!(ledger = ledger.name(), offset = e.base_offset, error = %err, "skipping unreadable entry");
+                    next = next.max(e.base_offset + u64::from(e.count));
+                    continue;
+                }
+            };
+            for (i, msg) in msgs.into_iter().enumerate() {
+                let off = e.base_offset + i as u64;
+                if off < next {
+                    continue;
+                }
+                next = off + 1;
+                if cursor.as_ref().is_some_and(|c| c.is_acked(off)) {
+                    continue;
+                }
+                let d = Delivery {
+                    key: key.clone(),
+                    cursor: cursor.clone(),
+                    offset: off,
+                    msg,
+                    fallback: fallback.clone(),
+                };
+                if tx.send(d).await.is_err() {
+                    return;
+                }
+            }
+            next = next.max(e.base_offset + u64::from(e.count));
+        }
+    }
+}

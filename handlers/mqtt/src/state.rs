@@ -1,0 +1,571 @@
+//! State shared by every connection of the handler: the known topics of
+//! the namespace, retained messages, the session registry, and the
+//! background tasks (topic scan, session expiry).
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use broker::message::{encode_batch, now_ms};
+use broker::{
+    AppendEntry, Broker, BrokerError, EntryFormat, InitialPosition, Ledger, Message, NamespaceName,
+    TopicName,
+};
+use bytes::Bytes;
+use handler_api::{CancellationToken, HandlerContext, HandlerError};
+use mapping::mqtt::{self as map, MqttPublish};
+use mapping::names::NamespaceMapping;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio::task::AbortHandle;
+
+use crate::MqttConfig;
+
+/// A broker topic of the namespace that MQTT can see.
+#[derive(Debug)]
+pub(crate) struct KnownTopic {
+    pub(crate) name: TopicName,
+    /// The MQTT topic it holds.
+    pub(crate) mqtt: Arc<str>,
+    pub(crate) partitions: u32,
+}
+
+/// A retained message.
+#[derive(Debug, Clone)]
+pub(crate) struct Retained {
+    pub(crate) msg: Message,
+}
+
+/// One subscription of a session, as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct SubRecord {
+    pub(crate) filter: String,
+    pub(crate) qos: u8,
+    #[serde(default)]
+    pub(crate) nl: bool,
+    #[serde(default)]
+    pub(crate) rap: bool,
+    #[serde(default)]
+    pub(crate) rh: u8,
+    #[serde(default)]
+    pub(crate) id: Option<u32>,
+    /// When it was made (ms since the epoch): topics that appear later are
+    /// read from this time on.
+    pub(crate) since_ms: i64,
+}
+
+/// What is persisted of a session.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub(crate) struct SessionRecord {
+    pub(crate) expiry: u32,
+    pub(crate) subs: Vec<SubRecord>,
+    #[serde(default)]
+    pub(crate) disconnected_ms: i64,
+    /// Outgoing QoS 2 packet ids whose PUBREC arrived (PUBREL owed).
+    #[serde(default)]
+    pub(crate) pubrel: Vec<u16>,
+}
+
+/// Key of a feed: one partition of one topic.
+pub(crate) type FeedKey = Arc<(TopicName, u32)>;
+
+/// A session's state while no connection owns it (and what a connection
+/// takes over).
+#[derive(Debug, Default)]
+pub(crate) struct Session {
+    pub(crate) record: SessionRecord,
+    /// Outgoing QoS 1/2 messages that were sent but not acknowledged when
+    /// the last connection ended: redelivered with DUP and the same id.
+    pub(crate) redeliver: HashMap<(FeedKey, u64), u16>,
+    /// Incoming QoS 2 packet ids awaiting PUBREL.
+    pub(crate) qos2_in: std::collections::HashSet<u16>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Online {
+    pub(crate) conn_id: u64,
+    pub(crate) kick: CancellationToken,
+    /// Closed when the connection has put the session back.
+    pub(crate) gone: watch::Receiver<()>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Slot {
+    pub(crate) online: Option<Online>,
+    pub(crate) stored: Option<Session>,
+    /// Offline persistent sessions expire at this time (ms).
+    pub(crate) expires_at_ms: Option<i64>,
+    /// A delayed will waiting to be published.
+    pub(crate) will: Option<AbortHandle>,
+}
+
+/// Everything the handler's connections share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: MqttConfig,
+    pub(crate) broker: Arc<Broker>,
+    pub(crate) ns: NamespaceMapping,
+    pub(crate) topics: RwLock<HashMap<String, Arc<KnownTopic>>>,
+    pub(crate) new_topics: broadcast::Sender<Arc<KnownTopic>>,
+    pub(crate) retained: RwLock<HashMap<String, Retained>>,
+    retained_ledger: Arc<Ledger>,
+    sessions_ledger: Arc<Ledger>,
+    pub(crate) sessions: Mutex<HashMap<Arc<str>, Slot>>,
+    pub(crate) conn_ids: AtomicU64,
+}
+
+const RETAINED_TOPIC: &str = "retained";
+const SESSIONS_TOPIC: &str = "sessions";
+const SESSION_PROP: &str = "mqtt.session";
+
+fn to_handler(e: BrokerError) -> HandlerError {
+    HandlerError::Broker(e)
+}
+
+impl Shared {
+    pub(crate) async fn start(
+        config: MqttConfig,
+        ctx: HandlerContext,
+    ) -> Result<Arc<Shared>, HandlerError> {
+        let broker = ctx.broker.clone();
+        let ns = map::namespace(&config.tenant, &config.namespace).map_err(to_handler)?;
+        let sys =
+            NamespaceName::new(&config.tenant, &config.system_namespace).map_err(to_handler)?;
+        broker
+            .ensure_namespace(&ns.namespace)
+            .await
+            .map_err(to_handler)?;
+        broker.ensure_namespace(&sys).await.map_err(to_handler)?;
+        let system_ledger = |t: &str| {
+            let name = TopicName::new(sys.clone(), t);
+            let broker = broker.clone();
+            async move {
+                let name = name.map_err(to_handler)?;
+                if broker.topic(&name).is_none() {
+                    match broker
+                        .create_topic(
+                            &name,
+                            1,
+                            broker::TopicConfig {
+                                // Kept until compacted by the handler, whatever the
+                                // namespace's retention says.
+                                retention_ms: Some(-1),
+                                retention_bytes: Some(-1),
+                            },
+                        )
+                        .await
+                    {
+                        Ok(_) | Err(BrokerError::AlreadyExists(_)) => {}
+                        Err(e) => return Err(to_handler(e)),
+                    }
+                }
+                broker.ledger(&name, 0).map_err(to_handler)
+            }
+        };
+        let retained_ledger = system_ledger(RETAINED_TOPIC).await?;
+        let sessions_ledger = system_ledger(SESSIONS_TOPIC).await?;
+        let (new_topics, _) = broadcast::channel(1024);
+        let shared = Arc::new(Shared {
+            config,
+            broker,
+            ns,
+            topics: RwLock::new(HashMap::new()),
+            new_topics,
+            retained: RwLock::new(HashMap::new()),
+            retained_ledger,
+            sessions_ledger,
+            sessions: Mutex::new(HashMap::new()),
+            conn_ids: AtomicU64::new(1),
+        });
+        shared.load_retained().await?;
+        shared.load_sessions();
+        shared.scan_topics().await;
+        tokio::spawn(background(Arc::downgrade(&shared), ctx.shutdown.clone()));
+        Ok(shared)
+    }
+
+    pub(crate) async fn drain(&self) {
+        self.broker.persist_cursors().await;
+    }
+
+    // ---- topics ----
+
+    /// Syncs the known topics with the namespace's topic list.
+    pub(crate) async fn scan_topics(&self) {
+        let metas = self.broker.topics(&self.ns.namespace);
+        let mut present = std::collections::HashSet::with_capacity(metas.len());
+        for m in metas {
+            present.insert(m.name.topic.clone());
+            let known = self
+                .topics
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&m.name.topic)
+                .map(|k| k.partitions);
+            if known == Some(m.partitions) {
+                continue;
+            }
+            let mqtt = match map::decode_topic(&m.name.topic) {
+                Some(t) => Some(t),
+                None if m.name.topic.len() == map::HASHED_LEN => {
+                    self.topic_from_header(&m.name).await
+                }
+                None => None,
+            };
+            if let Some(mqtt) = mqtt {
+                self.add_topic(m.name.clone(), mqtt.into(), m.partitions);
+            }
+        }
+        self.topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| present.contains(k));
+    }
+
+    async fn topic_from_header(&self, name: &TopicName) -> Option<String> {
+        let l = self.broker.ledger(name, 0).ok()?;
+        let entries = l.read(l.start_offset(), 1).await.ok()?;
+        let e = entries.first()?;
+        let msgs = mapping::entry_messages(e).ok()?;
+        msgs.first().and_then(map::message_topic).map(str::to_owned)
+    }
+
+    /// Registers a topic (new or with more partitions) and tells the
+    /// connections.
+    pub(crate) fn add_topic(
+        &self,
+        name: TopicName,
+        mqtt: Arc<str>,
+        partitions: u32,
+    ) -> Arc<KnownTopic> {
+        let k = Arc::new(KnownTopic {
+            name: name.clone(),
+            mqtt,
+            partitions,
+        });
+        self.topics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.topic.clone(), k.clone());
+        let _ = self.new_topics.send(k.clone());
+        k
+    }
+
+    pub(crate) fn known_topics(&self) -> Vec<Arc<KnownTopic>> {
+        self.topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Appends an MQTT publish to its topic (creating it), and records it
+    /// as retained when asked. Completes once durable.
+    pub(crate) async fn publish(&self, p: &MqttPublish) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let msg = map::publish_to_message(p, now);
+        let name = map::broker_topic(&self.ns, &p.topic)?;
+        let known = self
+            .topics
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&name.topic);
+        if !known {
+            let meta = self.broker.ensure_topic(&name).await?;
+            self.add_topic(name.clone(), p.topic.as_str().into(), meta.partitions);
+        }
+        let ledger = self.broker.ledger(&name, 0)?;
+        append(&ledger, &msg, now).await?;
+        metrics::counter!("manifold_mqtt_messages_published_total", "qos" => qos_label(p.qos))
+            .increment(1);
+        if p.retain {
+            self.set_retained(&p.topic, msg).await?;
+        }
+        Ok(())
+    }
+
+    // ---- retained ----
+
+    async fn load_retained(&self) -> Result<(), HandlerError> {
+        let l = &self.retained_ledger;
+        let mut from = l.start_offset();
+        let end = l.end_offset();
+        let mut map: HashMap<String, Retained> = HashMap::new();
+        while from < end {
+            let entries = l.read(from, 1 << 20).await.map_err(to_handler)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in &entries {
+                from = e.base_offset + u64::from(e.count);
+                let Ok(msgs) = mapping::entry_messages(e) else {
+                    tracing::warn!(offset = e.base_offset, "skipping unreadable retained entry");
+                    continue;
+                };
+                for m in msgs {
+                    let Some(t) = map::message_topic(&m).map(str::to_owned) else {
+                        continue;
+                    };
+                    if m.payload.is_empty() {
+                        map.remove(&t);
+                    } else {
+                        map.insert(t, Retained { msg: m });
+                    }
+                }
+            }
+        }
+        tracing::info!(retained = map.len(), "loaded retained messages");
+        *self.retained.write().unwrap_or_else(|e| e.into_inner()) = map;
+        Ok(())
+    }
+
+    async fn set_retained(&self, topic: &str, msg: Message) -> Result<(), BrokerError> {
+        append(&self.retained_ledger, &msg, msg.publish_time).await?;
+        let count = {
+            let mut r = self.retained.write().unwrap_or_else(|e| e.into_inner());
+            if msg.payload.is_empty() {
+                r.remove(topic);
+            } else {
+                r.insert(topic.to_owned(), Retained { msg });
+            }
+            r.len() as u64
+        };
+        // Compact: when the log holds far more than the live set, append
+        // the live set again and trim everything before it.
+        let l = &self.retained_ledger;
+        let stored = l.end_offset() - l.start_offset();
+        if stored > 1024 + 4 * count {
+            let live: Vec<Message> = self
+                .retained
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|r| r.msg.clone())
+                .collect();
+            let before = l.end_offset();
+            for chunk in live.chunks(256) {
+                let now = now_ms();
+                l.append(AppendEntry {
+                    format: EntryFormat::Messages,
+                    count: chunk.len() as u32,
+                    first_timestamp: now,
+                    max_timestamp: now,
+                    payload: encode_batch(chunk),
+                })
+                .await?;
+            }
+            l.trim(before).await?;
+        }
+        Ok(())
+    }
+
+    /// Retained messages whose topic matches `filter`.
+    pub(crate) fn retained_matching(&self, filter: &str) -> Vec<Message> {
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(t, _)| map::topic_matches(filter, t))
+            .map(|(_, r)| r.msg.clone())
+            .collect()
+    }
+
+    // ---- sessions ----
+
+    fn load_sessions(&self) {
+        let l = &self.sessions_ledger;
+        let now = now_ms();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        for name in l.cursor_names() {
+            let Some(c) = l.cursor(&name) else { continue };
+            let Some(rec) = c
+                .property(SESSION_PROP)
+                .and_then(|s| serde_json::from_str::<SessionRecord>(&s).ok())
+            else {
+                continue;
+            };
+            let disconnected = if rec.disconnected_ms > 0 {
+                rec.disconnected_ms
+            } else {
+                now
+            };
+            sessions.insert(
+                name.as_str().into(),
+                Slot {
+                    online: None,
+                    expires_at_ms: expiry_deadline(rec.expiry, disconnected),
+                    stored: Some(Session {
+                        record: rec,
+                        ..Session::default()
+                    }),
+                    will: None,
+                },
+            );
+        }
+        tracing::info!(sessions = sessions.len(), "loaded persistent MQTT sessions");
+    }
+
+    /// Persists a session record (durably, before returning).
+    pub(crate) async fn store_session(
+        &self,
+        client_id: &str,
+        rec: &SessionRecord,
+    ) -> Result<(), BrokerError> {
+        let json =
+            serde_json::to_string(rec).map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+        let c = self
+            .sessions_ledger
+            .open_cursor(client_id, InitialPosition::Latest)
+            .await?;
+        c.set_property(SESSION_PROP, &json);
+        self.sessions_ledger.persist_cursors().await
+    }
+
+    /// Deletes a session's record and every cursor it holds.
+    pub(crate) async fn delete_session_state(&self, client_id: &str) {
+        let _ = self.sessions_ledger.delete_cursor(client_id).await;
+        let cname = map::session_cursor_name(client_id);
+        for k in self.known_topics() {
+            for p in 0..k.partitions {
+                if let Ok(l) = self.broker.ledger(&k.name, p) {
+                    if l.cursor(&cname).is_some() {
+                        let _ = l.delete_cursor(&cname).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn expire_sessions(self: &Arc<Self>) {
+        let now = now_ms();
+        let expired: Vec<Arc<str>> = {
+            let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<Arc<str>> = s
+                .iter()
+                .filter(|(_, slot)| {
+                    slot.online.is_none() && slot.expires_at_ms.is_some_and(|t| t <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for id in &ids {
+                s.remove(id);
+            }
+            ids
+        };
+        for id in expired {
+            tracing::debug!(client_id = %id, "session expired");
+            self.delete_session_state(&id).await;
+        }
+    }
+
+    /// Publishes a will after `delay_secs` unless the client reconnects
+    /// first (the slot's `will` handle is aborted then).
+    pub(crate) fn schedule_will(
+        self: &Arc<Self>,
+        client_id: &Arc<str>,
+        will: MqttPublish,
+        delay_secs: u32,
+    ) {
+        if delay_secs == 0 {
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.publish(&will).await {
+                    tracing::warn!(error = %e, "could not publish will");
+                }
+            });
+            return;
+        }
+        let me = self.clone();
+        let id = client_id.clone();
+        let task = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(u64::from(delay_secs))).await;
+            if let Some(slot) = me
+                .sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&id)
+            {
+                slot.will = None;
+            }
+            if let Err(e) = me.publish(&will).await {
+                tracing::warn!(error = %e, "could not publish will");
+            }
+        });
+        let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        match s.get_mut(client_id) {
+            Some(slot) if slot.online.is_none() => {
+                if let Some(old) = slot.will.replace(task.abort_handle()) {
+                    old.abort();
+                }
+            }
+            // No offline session to hang it on (clean session ended):
+            // keep a slot just for the will.
+            Some(_) => {}
+            None => {
+                s.insert(
+                    client_id.clone(),
+                    Slot {
+                        will: Some(task.abort_handle()),
+                        ..Slot::default()
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The expiry deadline of a session disconnected at `at_ms`.
+pub(crate) fn expiry_deadline(expiry: u32, at_ms: i64) -> Option<i64> {
+    if expiry == u32::MAX {
+        None
+    } else {
+        Some(at_ms + i64::from(expiry) * 1000)
+    }
+}
+
+pub(crate) fn qos_label(q: u8) -> &'static str {
+    match q {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}
+
+async fn append(ledger: &Ledger, msg: &Message, now: i64) -> Result<u64, BrokerError> {
+    let payload: Bytes = encode_batch(std::slice::from_ref(msg));
+    let a = ledger
+        .append(AppendEntry {
+            format: EntryFormat::Messages,
+            count: 1,
+            first_timestamp: now,
+            max_timestamp: now,
+            payload,
+        })
+        .await?;
+    Ok(a.base_offset)
+}
+
+async fn background(shared: std::sync::Weak<Shared>, shutdown: CancellationToken) {
+    let interval = shared
+        .upgrade()
+        .map_or(1000, |s| s.config.topic_scan_interval_ms.max(50));
+    let mut scan = tokio::time::interval(Duration::from_millis(interval));
+    let mut expiry = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = scan.tick() => {
+                let Some(s) = shared.upgrade() else { break };
+                s.scan_topics().await;
+            }
+            _ = expiry.tick() => {
+                let Some(s) = shared.upgrade() else { break };
+                s.expire_sessions().await;
+                let n = s.sessions.lock().unwrap_or_else(|e| e.into_inner()).len();
+                metrics::gauge!("manifold_mqtt_sessions").set(n as f64);
+            }
+        }
+    }
+}
