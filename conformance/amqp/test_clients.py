@@ -1,0 +1,154 @@
+"""Other clients: pika's asynchronous SelectConnection, py-amqp, kombu,
+and Debian's amqp-tools (librabbitmq-c); virtual hosts and logins."""
+
+import subprocess
+import threading
+
+import amqp
+import kombu
+import pika
+import pytest
+
+from conftest import params
+
+
+def test_select_connection_publish_confirm_consume(gw):
+    state = {"acked": 0, "got": [], "error": None}
+    n = 100
+
+    def on_open(conn):
+        conn.channel(on_open_callback=on_channel)
+
+    def on_channel(ch):
+        state["ch"] = ch
+        ch.confirm_delivery(on_confirm)
+        ch.queue_declare("sel-q", durable=True, callback=on_declared)
+
+    def on_declared(_):
+        ch = state["ch"]
+        for i in range(n):
+            ch.basic_publish("", "sel-q", str(i).encode(), pika.BasicProperties(delivery_mode=2))
+
+    def on_confirm(frame):
+        m = frame.method
+        if isinstance(m, pika.spec.Basic.Nack):
+            state["error"] = "nack"
+        state["acked"] = max(state["acked"], m.delivery_tag)
+        if state["acked"] == n and "consuming" not in state:
+            state["consuming"] = True
+            state["ch"].basic_consume("sel-q", on_message)
+
+    def on_message(ch, method, props, body):
+        state["got"].append(int(body))
+        ch.basic_ack(method.delivery_tag)
+        if len(state["got"]) == n:
+            conn.close()
+
+    conn = pika.SelectConnection(params(gw.port("amqp")), on_open_callback=on_open,
+                                 on_open_error_callback=lambda c, e: state.update(error=e),
+                                 on_close_callback=lambda c, e: c.ioloop.stop())
+    timer = threading.Timer(20, lambda: conn.ioloop.add_callback_threadsafe(conn.ioloop.stop))
+    timer.start()
+    try:
+        conn.ioloop.start()
+    finally:
+        timer.cancel()
+    assert state["error"] is None
+    assert state["acked"] == n
+    assert state["got"] == list(range(n))
+
+
+def test_py_amqp_client(gw):
+    with amqp.Connection(f"127.0.0.1:{gw.port('amqp')}", userid="guest", password="guest",
+                         login_method="AMQPLAIN") as c:
+        ch = c.channel()
+        ch.confirm_select()
+        ch.queue_declare("pyamqp-q", durable=True, auto_delete=False)
+        ch.basic_publish_confirm(amqp.Message("hi", content_type="text/plain",
+                                              application_headers={"a": 1}),
+                                 exchange="", routing_key="pyamqp-q")
+        m = ch.basic_get("pyamqp-q")
+        assert m.body == "hi" and m.properties["application_headers"] == {"a": 1}
+        ch.basic_ack(m.delivery_tag)
+
+
+def test_kombu_simple_queue(gw):
+    with kombu.Connection(f"amqp://guest:guest@127.0.0.1:{gw.port('amqp')}//") as conn:
+        q = conn.SimpleQueue("kombu-q")
+        q.put({"hello": "world"})
+        msg = q.get(block=True, timeout=5)
+        assert msg.payload == {"hello": "world"}
+        msg.ack()
+        q.close()
+
+
+def test_kombu_producer_consumer_topic(gw):
+    ex = kombu.Exchange("kombu-topic", type="topic", durable=True)
+    queue = kombu.Queue("kombu-tq", ex, routing_key="a.*")
+    with kombu.Connection(f"amqp://guest:guest@127.0.0.1:{gw.port('amqp')}//") as conn:
+        with conn.Producer() as p:
+            p.publish({"n": 1}, exchange=ex, routing_key="a.b", declare=[queue],
+                      serializer="json", retry=False)
+        got = []
+        with conn.Consumer(queue, callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            conn.drain_events(timeout=5)
+        assert got == [{"n": 1}]
+
+
+def run(*args, **kw):
+    return subprocess.run(args, capture_output=True, timeout=20, **kw)
+
+
+def test_amqp_tools(gw):
+    url = f"amqp://guest:guest@127.0.0.1:{gw.port('amqp')}"
+    r = run("amqp-declare-queue", "--url", url, "-d", "-q", "tools-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == b"tools-q"
+    r = run("amqp-publish", "--url", url, "-r", "tools-q", "-p", "-C", "text/plain",
+            "-b", "from amqp-tools")
+    assert r.returncode == 0, r.stderr
+    r = run("amqp-get", "--url", url, "-q", "tools-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"from amqp-tools"
+    run("amqp-publish", "--url", url, "-r", "tools-q", "-b", "one more")
+    r = run("amqp-consume", "--url", url, "-q", "tools-q", "-c", "1", "cat")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"one more"
+
+
+def test_vhosts_are_isolated(gw):
+    a = pika.BlockingConnection(params(gw.port("amqp"), virtual_host="team-a"))
+    b = pika.BlockingConnection(params(gw.port("amqp"), virtual_host="team-b"))
+    ca, cb = a.channel(), b.channel()
+    ca.confirm_delivery()
+    ca.queue_declare("same-name")
+    cb.queue_declare("same-name")
+    ca.basic_publish("", "same-name", b"for a")
+    assert cb.queue_declare("same-name", passive=True).method.message_count == 0
+    assert ca.queue_declare("same-name", passive=True).method.message_count == 1
+    a.close()
+    b.close()
+    # The vhost is a namespace of the broker.
+    status, body = gw.admin("GET", "/admin/v1/tenants/amqp/namespaces")
+    if status == 200:
+        assert b"team-a" in body
+
+
+def test_bad_password_is_refused(gw):
+    with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+        pika.BlockingConnection(params(gw.port("amqp"),
+                                       credentials=pika.PlainCredentials("guest", "nope")))
+
+
+def test_many_channels_one_connection(conn):
+    chans = [conn.channel() for _ in range(50)]
+    for i, ch in enumerate(chans):
+        ch.queue_declare(f"mc-{i}")
+        ch.basic_publish("", f"mc-{i}", str(i).encode())
+    for i, ch in enumerate(chans):
+        for _ in range(50):
+            m, _, b = ch.basic_get(f"mc-{i}", auto_ack=True)
+            if m:
+                break
+            conn.sleep(0.05)
+        assert b == str(i).encode()
