@@ -873,9 +873,12 @@ impl Conn {
             } else if at_end.is_some() {
                 ledger.end_offset()
             } else {
+                // The end is read first: an entry appended while searching
+                // is either found or at/after this end.
+                let end = ledger.end_offset();
                 match ledger.find_offset_by_timestamp(since).await {
                     Ok(Some(o)) => o,
-                    _ => ledger.end_offset(),
+                    _ => end,
                 }
             };
             let (cursor, next) = if durable {

@@ -1,0 +1,397 @@
+"""paho-mqtt against the real binary: every protocol version, QoS flows,
+wildcards, retained messages, sessions, wills, takeover, v5 features."""
+
+import time
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from mqttc import V5, V31, V311, VERSIONS, Client
+
+ALL = list(VERSIONS.items())
+
+
+@pytest.mark.parametrize("name,ver", ALL, ids=[n for n, _ in ALL])
+def test_publish_subscribe_every_qos(gw, uniq, name, ver):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", ver).connect()
+    assert sub.sub(f"{uniq}/#", qos=2) == [2]
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    for q in (0, 1, 2):
+        pub.pub(f"{uniq}/q{q}", f"m{q}".encode(), qos=q)
+    got = sub.get_n(3)
+    assert [(m.topic, m.payload, m.qos) for m in got] == [
+        (f"{uniq}/q0", b"m0", 0), (f"{uniq}/q1", b"m1", 1), (f"{uniq}/q2", b"m2", 2)]
+    assert all(not m.retain for m in got)
+    sub.nothing()
+    sub.close(); pub.close()
+
+
+@pytest.mark.parametrize("name,ver", [("v3.1.1", V311), ("v5", V5)])
+def test_granted_qos_downgrades_delivery(gw, uniq, name, ver):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", ver).connect()
+    sub.sub(f"{uniq}/x", qos=1)
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    pub.pub(f"{uniq}/x", b"two", qos=2)
+    assert sub.get().qos == 1
+    sub.close(); pub.close()
+
+
+def test_ordering_per_topic(gw, uniq):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", V311).connect()
+    sub.sub(f"{uniq}/o", qos=1)
+    pub = Client(port, f"{uniq}-p", V311).connect()
+    infos = [pub.c.publish(f"{uniq}/o", str(i).encode(), qos=1) for i in range(200)]
+    for i in infos:
+        i.wait_for_publish(10)
+    got = sub.get_n(200, timeout=20)
+    assert [int(m.payload) for m in got] == list(range(200))
+    sub.close(); pub.close()
+
+
+def test_wildcards_overlap_and_sys(gw, uniq):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", V311).connect()
+    sub.sub(f"{uniq}/+/temp", qos=0)
+    sub.sub(f"{uniq}/#", qos=1)
+    sub.sub("#", qos=0)
+    pub = Client(port, f"{uniq}-p", V311).connect()
+    pub.pub(f"{uniq}/room1/temp", b"21", qos=1)
+    pub.pub("$SYS/" + uniq, b"sys", qos=1)
+    m = sub.get()
+    # Overlapping subscriptions: one copy, at the highest granted QoS.
+    assert (m.topic, m.payload, m.qos) == (f"{uniq}/room1/temp", b"21", 1)
+    sub.nothing()
+    dollar = Client(port, f"{uniq}-d", V311).connect()
+    dollar.sub("$SYS/#", qos=1)
+    pub.pub("$SYS/" + uniq, b"sys2", qos=1)
+    assert dollar.get().payload == b"sys2"
+    for c in (sub, pub, dollar):
+        c.close()
+
+
+def test_topic_with_special_characters(gw, uniq):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", V5).connect()
+    topics = [f"{uniq}/a.b", f"{uniq}/a_b", f"{uniq}/a b/é", f"{uniq}//x", f"{uniq}/a_2E"]
+    sub.sub(f"{uniq}/#", qos=1)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    for t in topics:
+        pub.pub(t, t.encode(), qos=1)
+    got = sub.get_n(len(topics))
+    assert [m.topic for m in got] == topics
+    assert [m.payload.decode() for m in got] == topics
+    sub.close(); pub.close()
+
+
+@pytest.mark.parametrize("name,ver", [("v3.1.1", V311), ("v5", V5)])
+def test_retained_set_replace_clear(gw, uniq, name, ver):
+    port = gw.port("mqtt")
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    pub.pub(f"{uniq}/r", b"first", qos=1, retain=True)
+    pub.pub(f"{uniq}/r", b"second", qos=1, retain=True)
+    s1 = Client(port, f"{uniq}-s1", ver).connect()
+    s1.sub(f"{uniq}/#", qos=1)
+    m = s1.get()
+    assert (m.payload, m.retain) == (b"second", True)
+    s1.nothing()
+    # A live message on an existing subscription is not flagged retained.
+    pub.pub(f"{uniq}/r", b"third", qos=1, retain=True)
+    m = s1.get()
+    assert (m.payload, m.retain) == (b"third", False)
+    pub.pub(f"{uniq}/r", b"", qos=1, retain=True)
+    assert s1.get().payload == b""
+    s2 = Client(port, f"{uniq}-s2", ver).connect()
+    s2.sub(f"{uniq}/#", qos=1)
+    s2.nothing()
+    for c in (pub, s1, s2):
+        c.close()
+
+
+def test_v5_retain_handling_and_retain_as_published(gw, uniq):
+    port = gw.port("mqtt")
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    pub.pub(f"{uniq}/r", b"kept", qos=1, retain=True)
+    c = Client(port, f"{uniq}-s", V5).connect()
+    c.sub(f"{uniq}/r", qos=1, rh=2)  # never send retained
+    c.nothing()
+    c.sub(f"{uniq}/r", qos=1, rh=1)  # only if new: it is not
+    c.nothing()
+    d = Client(port, f"{uniq}-d", V5).connect()
+    d.sub(f"{uniq}/r", qos=1, rh=1, rap=True)
+    assert d.get().retain is True
+    pub.pub(f"{uniq}/r", b"live", qos=1, retain=True)
+    m = d.get()
+    assert (m.payload, m.retain) == (b"live", True)  # retain as published
+    for x in (pub, c, d):
+        x.close()
+
+
+def test_no_local(gw, uniq):
+    port = gw.port("mqtt")
+    c = Client(port, f"{uniq}-c", V5).connect()
+    c.sub(f"{uniq}/n", qos=1, no_local=True)
+    c.pub(f"{uniq}/n", b"mine", qos=1)
+    c.nothing()
+    other = Client(port, f"{uniq}-o", V5).connect()
+    other.pub(f"{uniq}/n", b"theirs", qos=1)
+    assert c.get().payload == b"theirs"
+    c.close(); other.close()
+
+
+def test_v5_properties_round_trip(gw, uniq):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", V5).connect()
+    sub.sub(f"{uniq}/p", qos=1, sub_id=42)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [("k1", "v1"), ("k2", "v2"), ("k1", "again")]
+    props.ContentType = "application/json"
+    props.ResponseTopic = f"{uniq}/reply"
+    props.CorrelationData = b"\x00\x01corr"
+    props.PayloadFormatIndicator = 1
+    props.MessageExpiryInterval = 3600
+    pub.pub(f"{uniq}/p", b'{"a":1}', qos=1, props=props)
+    m = sub.get()
+    p = m.properties
+    assert p.UserProperty == [("k1", "v1"), ("k2", "v2"), ("k1", "again")]
+    assert p.ContentType == "application/json"
+    assert p.ResponseTopic == f"{uniq}/reply"
+    assert p.CorrelationData == b"\x00\x01corr"
+    assert p.PayloadFormatIndicator == 1
+    assert 3590 <= p.MessageExpiryInterval <= 3600
+    assert p.SubscriptionIdentifier == [42]
+    sub.close(); pub.close()
+
+
+def test_v5_message_expiry_drops_stale_messages(gw, uniq):
+    port = gw.port("mqtt")
+    s = Client(port, f"{uniq}-s", V5, clean=True, session_expiry=300).connect()
+    s.sub(f"{uniq}/e", qos=1)
+    s.close()
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.MessageExpiryInterval = 1
+    pub.pub(f"{uniq}/e", b"short", qos=1, props=props)
+    pub.pub(f"{uniq}/e", b"long", qos=1)
+    time.sleep(2.2)
+    s = Client(port, f"{uniq}-s", V5, clean=False, session_expiry=300).connect()
+    assert s.get().payload == b"long"
+    s.nothing()
+    s.close(); pub.close()
+
+
+def test_v5_topic_alias_from_client(gw, uniq):
+    port = gw.port("mqtt")
+    sub = Client(port, f"{uniq}-s", V5).connect()
+    sub.sub(f"{uniq}/alias", qos=1)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    props = Properties(PacketTypes.PUBLISH)
+    props.TopicAlias = 3
+    pub.pub(f"{uniq}/alias", b"one", qos=1, props=props)
+    props2 = Properties(PacketTypes.PUBLISH)
+    props2.TopicAlias = 3
+    pub.pub("", b"two", qos=1, props=props2)
+    got = sub.get_n(2)
+    assert [(m.topic, m.payload) for m in got] == [(f"{uniq}/alias", b"one"), (f"{uniq}/alias", b"two")]
+    sub.close(); pub.close()
+
+
+def test_v5_connack_properties_and_assigned_client_id(gw):
+    c = Client(gw.port("mqtt"), "", V5).connect()
+    p = c.connack[2]
+    assert p.AssignedClientIdentifier
+    assert p.ReceiveMaximum >= 1
+    assert p.MaximumPacketSize > 0
+    c.close()
+
+
+def test_v311_empty_client_id(gw):
+    from mqttc import Raw, connect_packet
+    ok = Client(gw.port("mqtt"), "", V311, clean=True).connect()
+    ok.close()
+    # paho refuses to send this one itself: a persistent session needs an id.
+    r = Raw(gw.port("mqtt"))
+    r.send(connect_packet("", clean=False))
+    assert r.recv_some() == b"\x20\x02\x00\x02"  # identifier rejected
+    assert r.closed_within(3)
+
+
+@pytest.mark.parametrize("name,ver,kw", [
+    ("v3.1.1", V311, {"clean": False}),
+    ("v5", V5, {"clean": False, "session_expiry": 600}),
+])
+def test_persistent_session_queues_while_offline(gw, uniq, name, ver, kw):
+    port = gw.port("mqtt")
+    s = Client(port, f"{uniq}-s", ver, **kw).connect()
+    s.sub(f"{uniq}/q/#", qos=1)
+    s.sub(f"{uniq}/two", qos=2)
+    s.close()
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    for i in range(5):
+        pub.pub(f"{uniq}/q/{i % 2}", f"m{i}".encode(), qos=1)
+    pub.pub(f"{uniq}/two", b"exactly-once", qos=2)
+    s = Client(port, f"{uniq}-s", ver, **kw).connect()
+    assert s.session_present
+    got = s.get_n(6)
+    assert sorted(m.payload for m in got) == sorted([f"m{i}".encode() for i in range(5)] + [b"exactly-once"])
+    for t in (0, 1):  # in order per topic
+        assert [m.payload for m in got if m.topic == f"{uniq}/q/{t}"] == [
+            f"m{i}".encode() for i in range(5) if i % 2 == t]
+    s.nothing()
+    s.close()
+    # A clean start discards the session.
+    c = Client(port, f"{uniq}-s", ver, clean=True).connect()
+    assert not c.session_present
+    c.close()
+    pub.pub(f"{uniq}/q/1", b"after-clean", qos=1)
+    s = Client(port, f"{uniq}-s", ver, **kw).connect()
+    assert not s.session_present
+    s.nothing()
+    s.close(); pub.close()
+
+
+def test_unacknowledged_qos1_is_redelivered_with_dup(gw, uniq):
+    """A client that receives a QoS 1 message but drops the connection
+    before PUBACK gets it again, flagged DUP, on reconnect."""
+    import socket
+    from mqttc import Raw, connect_packet, packet, s as mstr
+    port = gw.port("mqtt")
+    r = Raw(port)
+    r.send(connect_packet(f"{uniq}-raw", clean=False))
+    assert r.recv_some()[:2] == b"\x20\x02"
+    r.send(packet(0x82, b"\x00\x01" + mstr(f"{uniq}/d") + b"\x01"))
+    assert r.recv_some()[0] == 0x90
+    pub = Client(port, f"{uniq}-p", V311).connect()
+    pub.pub(f"{uniq}/d", b"hello", qos=1)
+    first = r.recv_some()
+    assert first[0] & 0xF0 == 0x30 and first[0] & 0x08 == 0
+    r.close()  # no PUBACK
+    time.sleep(0.3)
+    r = Raw(port)
+    r.send(connect_packet(f"{uniq}-raw", clean=False))
+    data = b""
+    deadline = time.monotonic() + 5
+    while len(data) < 4 + len(first) and time.monotonic() < deadline:
+        data += r.recv_some()
+    assert data[:4] == b"\x20\x02\x01\x00"  # session present
+    again = data[4:]
+    assert again[0] & 0x08, "DUP flag must be set on redelivery"
+    assert again[1:] == first[1:], "same packet id, topic and payload"
+    r.close(); pub.close()
+
+
+def test_will_on_abnormal_disconnect_only(gw, uniq):
+    port = gw.port("mqtt")
+    watcher = Client(port, f"{uniq}-w", V311).connect()
+    watcher.sub(f"{uniq}/will", qos=1)
+    c = Client(port, f"{uniq}-c", V311, will=(f"{uniq}/will", b"gone", 1)).connect()
+    c.close()  # normal DISCONNECT: no will
+    watcher.nothing(1.0)
+    c = Client(port, f"{uniq}-c2", V311, will=(f"{uniq}/will", b"gone2", 1)).connect()
+    c.drop()
+    m = watcher.get()
+    assert (m.topic, m.payload) == (f"{uniq}/will", b"gone2")
+    watcher.close()
+
+
+def test_v5_will_delay_cancelled_by_reconnect(gw, uniq):
+    port = gw.port("mqtt")
+    watcher = Client(port, f"{uniq}-w", V5).connect()
+    watcher.sub(f"{uniq}/will", qos=1)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 2
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=60,
+               will=(f"{uniq}/will", b"delayed", 1, False, wp)).connect()
+    c.drop()
+    watcher.nothing(0.8)
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=60).connect()
+    watcher.nothing(2.5)  # reconnected within the delay: no will
+    # Now drop with a delayed will and stay away: published after the delay.
+    wp2 = Properties(PacketTypes.WILLMESSAGE)
+    wp2.WillDelayInterval = 1
+    c.close()
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=60,
+               will=(f"{uniq}/will", b"late", 1, False, wp2)).connect()
+    c.drop()
+    t0 = time.monotonic()
+    m = watcher.get(timeout=5)
+    assert m.payload == b"late"
+    assert time.monotonic() - t0 >= 0.7
+    watcher.close()
+
+
+@pytest.mark.parametrize("name,ver", [("v3.1.1", V311), ("v5", V5)])
+def test_session_takeover(gw, uniq, name, ver):
+    port = gw.port("mqtt")
+    a = Client(port, f"{uniq}-same", ver).connect()
+    a.c.reconnect_delay_set(60, 120)  # keep paho from reconnecting in a loop
+    b = Client(port, f"{uniq}-same", ver).connect()
+    assert a.disconnected.wait(5), "the first connection must be closed"
+    if ver == V5:
+        assert a.disconnect_reason.value == 0x8E
+    b.sub(f"{uniq}/t", qos=1)
+    b.pub(f"{uniq}/t", b"still works", qos=1)
+    assert b.get().payload == b"still works"
+    a.c.loop_stop(); b.close()
+
+
+def test_unsubscribe(gw, uniq):
+    port = gw.port("mqtt")
+    c = Client(port, f"{uniq}-c", V5).connect()
+    c.sub(f"{uniq}/u", qos=1)
+    rc = c.unsub(f"{uniq}/u")
+    assert [r.value for r in rc] == [0]
+    rc = c.unsub(f"{uniq}/never")
+    assert [r.value for r in rc] == [0x11]
+    c.pub(f"{uniq}/u", b"x", qos=1)
+    c.nothing()
+    c.close()
+
+
+def test_v5_maximum_packet_size_of_client(gw, uniq):
+    port = gw.port("mqtt")
+    small = Client(port, f"{uniq}-s", V5, max_packet_size=200).connect()
+    small.sub(f"{uniq}/m", qos=1)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    pub.pub(f"{uniq}/m", b"x" * 1000, qos=1)
+    pub.pub(f"{uniq}/m", b"small", qos=1)
+    assert small.get().payload == b"small"
+    small.nothing()
+    small.close(); pub.close()
+
+
+def test_receive_maximum_flow_control(gw, uniq):
+    """With Receive Maximum 2 and a slow consumer, all messages still arrive in order."""
+    port = gw.port("mqtt")
+    s = Client(port, f"{uniq}-s", V5, receive_maximum=2).connect()
+    s.sub(f"{uniq}/f", qos=2)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    for i in range(30):
+        pub.c.publish(f"{uniq}/f", str(i).encode(), qos=1)
+    got = s.get_n(30, timeout=20)
+    assert [int(m.payload) for m in got] == list(range(30))
+    s.close(); pub.close()
+
+
+def test_invalid_filters_get_failure_codes(gw, uniq):
+    """paho validates filters itself, so these are sent raw."""
+    from mqttc import Raw, connect_packet, packet, s as mstr
+    port = gw.port("mqtt")
+    r5 = Raw(port)
+    r5.send(connect_packet(f"{uniq}-5", level=5))
+    connack = r5.recv_some()
+    assert connack[0] == 0x20 and connack[3] == 0  # v5 CONNACK, success
+    # SUBSCRIBE id 7, no properties: one bad filter, one good one.
+    r5.send(packet(0x82, b"\x00\x07\x00" + mstr(f"{uniq}/a#") + b"\x01" + mstr(f"{uniq}/ok") + b"\x01"))
+    suback = r5.recv_some()
+    assert suback == b"\x90\x05\x00\x07\x00\x8f\x01"
+    r3 = Raw(port)
+    r3.send(connect_packet(f"{uniq}-3"))
+    assert r3.recv_some() == b"\x20\x02\x00\x00"
+    r3.send(packet(0x82, b"\x00\x08" + mstr(f"{uniq}/+x") + b"\x00"))
+    assert r3.recv_some() == b"\x90\x03\x00\x08\x80"
+    r5.close(); r3.close()
