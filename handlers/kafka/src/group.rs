@@ -72,6 +72,9 @@ struct JoinResult {
     leader: String,
     member_id: String,
     members: Vec<(String, Option<String>, Bytes)>,
+    /// KIP-814: a static leader that rejoined gets the members but must
+    /// not compute a new assignment.
+    skip_assignment: bool,
 }
 
 #[derive(Debug)]
@@ -234,6 +237,7 @@ impl Group {
                     } else {
                         Vec::new()
                     },
+                    skip_assignment: false,
                 });
             }
         }
@@ -422,15 +426,17 @@ impl Coordinator {
         let Some(m) = g.member_mut(member_id) else {
             return Err(ErrorCode::UnknownMemberId);
         };
-        if generation != gen {
-            return Err(ErrorCode::IllegalGeneration);
-        }
         m.last_seen = Instant::now();
-        // Commits during PreparingRebalance are how eager consumers save
-        // their position before giving partitions up: allowed.
+        // Between the join and the sync nobody owns partitions yet: the
+        // member retries once it has its assignment (Kafka's order).
         if phase == Phase::CompletingRebalance {
             return Err(ErrorCode::RebalanceInProgress);
         }
+        if generation != gen {
+            return Err(ErrorCode::IllegalGeneration);
+        }
+        // Commits during PreparingRebalance are how eager consumers save
+        // their position before giving partitions up: allowed.
         Ok(())
     }
 }
@@ -557,6 +563,7 @@ pub(crate) async fn join_group(
                             leader: String::new(),
                             member_id: old.clone(),
                             members: Vec::new(),
+                            skip_assignment: false,
                         });
                     }
                     if let Some(w) = m.sync_waiter.take() {
@@ -580,7 +587,10 @@ pub(crate) async fn join_group(
                     if is_leader {
                         gr.leader = Some(member_id.clone());
                     }
-                    static_fast_path = phase == Phase::Stable && unchanged && !is_leader;
+                    // A static leader can skip the rebalance only with
+                    // JoinGroup v9 (skip_assignment); older ones rebalance.
+                    static_fast_path =
+                        phase == Phase::Stable && unchanged && (!is_leader || version >= 9);
                 }
                 None => {
                     gr.members.push(Member {
@@ -625,14 +635,31 @@ pub(crate) async fn join_group(
             static_fast_path = phase == Phase::Stable && unchanged && !is_leader;
         }
         if static_fast_path {
+            let leader = gr.leader.clone().unwrap_or_default();
+            let protocol = gr.protocol.clone().unwrap_or_default();
+            let is_leader = leader == member_id;
             let resp = JoinResult {
                 error: ErrorCode::None,
                 generation: gr.generation,
                 protocol_type: gr.protocol_type.clone().unwrap_or_default(),
-                protocol: gr.protocol.clone().unwrap_or_default(),
-                leader: gr.leader.clone().unwrap_or_default(),
+                protocol: protocol.clone(),
+                leader,
                 member_id: member_id.clone(),
-                members: Vec::new(),
+                members: if is_leader {
+                    gr.members
+                        .iter()
+                        .map(|m| {
+                            (
+                                m.id.clone(),
+                                m.instance_id.clone(),
+                                m.metadata_for(&protocol),
+                            )
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                skip_assignment: is_leader,
             };
             return join_response(resp, version);
         }
@@ -661,6 +688,7 @@ fn join_response(r: JoinResult, version: i16) -> JoinGroupResponse {
         .with_protocol_type(Some(StrBytes::from_string(r.protocol_type)))
         .with_protocol_name(Some(StrBytes::from_string(r.protocol)))
         .with_leader(StrBytes::from_string(r.leader))
+        .with_skip_assignment(r.skip_assignment && version >= 9)
         .with_member_id(StrBytes::from_string(r.member_id))
         .with_members(
             r.members
