@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::state::Shared;
 
 const MAX_REQUEST: usize = 8 * 1024;
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC11B65";
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 pub(crate) async fn serve(shared: Arc<Shared>, conn: Connection) -> Result<(), HandlerError> {
     let Connection {
