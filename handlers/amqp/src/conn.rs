@@ -682,7 +682,6 @@ impl Conn {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     inbuf.clear();
-                    self.done = !self.closing && false;
                     return Err(conn_exc(ReplyCode::FrameError, e));
                 }
             };

@@ -768,7 +768,7 @@ impl Queue {
             }
             if progress {
                 rounds += 1;
-                if rounds % 16 == 0 {
+                if rounds & 15 == 0 {
                     tokio::task::yield_now().await;
                 }
                 continue;
