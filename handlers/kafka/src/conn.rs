@@ -85,10 +85,13 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                 .increment(1);
             let version = header.request_api_version;
             let correlation_id = header.correlation_id;
+            let started = std::time::Instant::now();
             let response = tokio::select! {
                 r = handle(&state, &mut session, &header, *body) => r,
                 _ = conn.shutdown.cancelled() => return Ok(()),
             };
+            metrics::histogram!("manifold_kafka_request_duration_seconds", "api" => codec::api_name(api))
+                .record(started.elapsed().as_secs_f64());
             let Some(response) = response else { continue };
             match codec::encode_response(correlation_id, api, version, &response) {
                 Ok(bytes) => w.write_all(&bytes).await?,
