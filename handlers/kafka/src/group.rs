@@ -1013,3 +1013,97 @@ pub(crate) async fn delete_groups(state: &State, req: DeleteGroupsRequest) -> De
     }
     DeleteGroupsResponse::default().with_results(results)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, protocols: &[&str]) -> Member {
+        Member {
+            id: id.into(),
+            instance_id: None,
+            client_id: "c".into(),
+            client_host: "/127.0.0.1".into(),
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(10),
+            protocols: protocols
+                .iter()
+                .map(|p| (p.to_string(), Bytes::from(format!("meta-{id}"))))
+                .collect(),
+            assignment: Bytes::new(),
+            last_seen: Instant::now(),
+            join_waiter: None,
+            sync_waiter: None,
+        }
+    }
+
+    fn join(g: &mut Group, id: &str) -> oneshot::Receiver<JoinResult> {
+        let (tx, rx) = oneshot::channel();
+        g.member_mut(id).unwrap().join_waiter = Some(tx);
+        rx
+    }
+
+    #[tokio::test]
+    async fn join_completes_when_every_member_rejoined() {
+        let mut g = Group::new("g");
+        g.members.push(member("a", &["range", "roundrobin"]));
+        g.members.push(member("b", &["roundrobin", "range"]));
+        g.protocol_type = Some("consumer".into());
+        let ra = join(&mut g, "a");
+        assert!(g.prepare_rebalance(Duration::ZERO));
+        g.try_complete_join();
+        assert_eq!(g.phase, Phase::PreparingRebalance, "b has not joined");
+        let rb = join(&mut g, "b");
+        g.try_complete_join();
+        assert_eq!(g.phase, Phase::CompletingRebalance);
+        let (a, b) = (ra.await.unwrap(), rb.await.unwrap());
+        assert_eq!((a.generation, b.generation), (1, 1));
+        assert_eq!(a.leader, "a");
+        assert_eq!(a.members.len(), 2, "the leader gets every member");
+        assert!(b.members.is_empty());
+        // One first-choice vote each: the leader's order breaks the tie.
+        assert_eq!(a.protocol, "range");
+        assert_eq!(b.protocol, "range");
+    }
+
+    #[tokio::test]
+    async fn members_that_do_not_rejoin_by_the_deadline_are_removed() {
+        let mut g = Group::new("g");
+        g.members.push(member("a", &["range"]));
+        g.members.push(member("b", &["range"]));
+        g.prepare_rebalance(Duration::ZERO);
+        let ra = join(&mut g, "a");
+        g.deadline = Instant::now();
+        g.try_complete_join();
+        let a = ra.await.unwrap();
+        assert_eq!(a.members.len(), 1);
+        assert!(g.member("b").is_none());
+        assert_eq!(g.generation, 1);
+    }
+
+    #[tokio::test]
+    async fn a_rebalance_interrupts_pending_syncs() {
+        let mut g = Group::new("g");
+        g.members.push(member("a", &["range"]));
+        g.prepare_rebalance(Duration::ZERO);
+        let _ra = join(&mut g, "a");
+        g.try_complete_join();
+        let (tx, rx) = oneshot::channel();
+        g.member_mut("a").unwrap().sync_waiter = Some(tx);
+        g.members.push(member("b", &["range"]));
+        g.prepare_rebalance(Duration::ZERO);
+        assert_eq!(rx.await.unwrap().0, ErrorCode::RebalanceInProgress);
+    }
+
+    #[test]
+    fn the_last_member_leaving_empties_the_group() {
+        let mut g = Group::new("g");
+        g.members.push(member("a", &["range"]));
+        g.phase = Phase::Stable;
+        g.generation = 3;
+        g.remove_member("a");
+        assert!(!g.after_departure(Duration::ZERO));
+        assert_eq!(g.phase, Phase::Empty);
+        assert_eq!(g.generation, 4);
+    }
+}
