@@ -19,7 +19,8 @@ def both(gateway_factory):
     try:
         return gateway_factory(["mqtt", "kafka"])
     except RuntimeError as e:
-        if "unknown protocol `kafka`" in str(e):
+        msg = str(e)
+        if "unknown protocol `kafka`" in msg or "unknown key `kafka`" in msg:
             pytest.skip("this binary was built without the Kafka handler")
         raise
 
