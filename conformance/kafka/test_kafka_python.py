@@ -97,3 +97,16 @@ def test_offsets_for_times_and_end_offsets(bootstrap, topic_name):
     r = c.offsets_for_times({tp: base + 4500})[tp]
     assert r.offset == 5 and r.timestamp == base + 5000
     c.close()
+
+
+def test_acks_zero_fire_and_forget(bootstrap, topic_name):
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks=0)
+    for i in range(100):
+        p.send(topic_name, value=b"f%d" % i)
+    p.flush(30)
+    p.close()
+    c = KafkaConsumer(topic_name, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      consumer_timeout_ms=10000)
+    got = [m.value for m in c]
+    c.close()
+    assert got == [b"f%d" % i for i in range(100)]
