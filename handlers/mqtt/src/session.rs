@@ -84,7 +84,7 @@ struct Conn {
     pending: VecDeque<Pending>,
     next_pkid: u16,
     feeds: HashMap<FeedKey, AbortHandle>,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Box<Delivery>>,
     will: Option<(MqttPublish, u32)>,
 }
 
@@ -409,7 +409,7 @@ impl Conn {
         rd: &mut ReadHalf<Io>,
         wr: &mut WriteHalf<Io>,
         mut rbuf: BytesMut,
-        mut rx: mpsc::Receiver<Delivery>,
+        mut rx: mpsc::Receiver<Box<Delivery>>,
         mut new_topics: broadcast::Receiver<Arc<KnownTopic>>,
         keep_alive: u16,
         shutdown: &CancellationToken,
@@ -432,6 +432,9 @@ impl Conn {
                 |d| last_rx + d,
             );
             let room = self.inflight.len() < self.window && self.pending.is_empty();
+            if rbuf.capacity() - rbuf.len() < 64 {
+                rbuf.reserve(512);
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -473,19 +476,17 @@ impl Conn {
                             }
                         }
                     }
-                    if rbuf.is_empty() && rbuf.capacity() > 16 * 1024 {
-                        rbuf = BytesMut::with_capacity(256);
-                    }
-                    if rbuf.capacity() - rbuf.len() < 128 {
-                        rbuf.reserve(1024);
+                    // An idle connection keeps no read buffer.
+                    if rbuf.is_empty() {
+                        rbuf = BytesMut::new();
                     }
                 }
                 d = rx.recv(), if room => {
                     let Some(d) = d else { continue };
-                    self.deliver(d);
+                    self.deliver(*d);
                     while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
                         match rx.try_recv() {
-                            Ok(d) => self.deliver(d),
+                            Ok(d) => self.deliver(*d),
                             Err(_) => break,
                         }
                     }
@@ -1113,7 +1114,7 @@ async fn feed(
     cursor: Option<Arc<Cursor>>,
     mut next: u64,
     fallback: Arc<str>,
-    tx: mpsc::Sender<Delivery>,
+    tx: mpsc::Sender<Box<Delivery>>,
 ) {
     loop {
         let entries = match ledger
@@ -1156,13 +1157,13 @@ async fn feed(
                 if cursor.as_ref().is_some_and(|c| c.is_acked(off)) {
                     continue;
                 }
-                let d = Delivery {
+                let d = Box::new(Delivery {
                     key: key.clone(),
                     cursor: cursor.clone(),
                     offset: off,
                     msg,
                     fallback: fallback.clone(),
-                };
+                });
                 if tx.send(d).await.is_err() {
                     return;
                 }
