@@ -97,6 +97,9 @@ pub enum FrameError {
     InvalidLength(i32),
 }
 
+/// Most buffer space reserved ahead of the bytes received.
+const READ_AHEAD: usize = 1024 * 1024;
+
 /// Smallest request: api key, api version and correlation id.
 const MIN_REQUEST: usize = 8;
 
@@ -121,7 +124,9 @@ pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fra
         });
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        // Grow with the data actually received, not with what the length
+        // prefix claims: four bytes must not buy a 100 MiB allocation.
+        buf.reserve((4 + len - buf.len()).min(READ_AHEAD));
         return Ok(None);
     }
     buf.advance(4);

@@ -29,6 +29,9 @@ use crate::state::State;
 
 /// Batches remembered per producer (Kafka's in-flight limit for idempotence).
 const REMEMBERED_BATCHES: usize = 5;
+/// Producers remembered per partition; the least recently used beyond it
+/// are forgotten (Kafka expires idle producer state too).
+const MAX_PRODUCERS_PER_PARTITION: usize = 10_000;
 /// How many recent messages of a ledger are scanned to rebuild producer state.
 const RECOVERY_MESSAGES: u64 = 10_000;
 const RECOVERY_BYTES: usize = 16 * 1024 * 1024;
@@ -45,11 +48,14 @@ struct BatchSeq {
 struct Producer {
     epoch: i16,
     batches: VecDeque<BatchSeq>,
+    /// A counter value of the partition at last use (for eviction).
+    last_used: u64,
 }
 
 #[derive(Debug, Default)]
 struct PartitionProducers {
     producers: HashMap<i64, Producer>,
+    clock: u64,
 }
 
 /// Idempotence state of every partition.
@@ -118,19 +124,38 @@ impl ProducerStates {
         }
         self.lock()
             .entry(key.clone())
-            .or_insert(PartitionProducers { producers: found });
+            .or_insert(PartitionProducers {
+                producers: found,
+                clock: 0,
+            });
     }
 
     fn check(&self, key: &(TopicName, u32), b: &ValidatedBatch) -> Decision {
         let h = &b.header;
         let mut map = self.lock();
         let part = map.entry(key.clone()).or_default();
+        part.clock += 1;
+        let now = part.clock;
+        if !part.producers.contains_key(&h.producer_id)
+            && part.producers.len() >= MAX_PRODUCERS_PER_PARTITION
+        {
+            if let Some(oldest) = part
+                .producers
+                .iter()
+                .filter(|(_, p)| p.batches.iter().all(|b| b.offset.is_some()))
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(id, _)| *id)
+            {
+                part.producers.remove(&oldest);
+            }
+        }
         let seq = BatchSeq {
             first: h.base_sequence,
             last: h.last_sequence(),
             offset: None,
         };
         let p = part.producers.entry(h.producer_id).or_default();
+        p.last_used = now;
         if p.batches.is_empty() && p.epoch == 0 {
             p.epoch = h.producer_epoch;
         }
