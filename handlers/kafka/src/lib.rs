@@ -191,3 +191,39 @@ impl ProtocolHandler for KafkaHandler {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(toml_text: &str) -> Result<Arc<dyn ProtocolHandler>, HandlerError> {
+        let v: toml::Value = toml::from_str(toml_text).expect("valid TOML");
+        (FACTORY.build)(Some(&v))
+    }
+
+    #[test]
+    fn defaults_listen_on_9092() {
+        let h = (FACTORY.build)(None).unwrap();
+        assert_eq!(
+            h.listeners()[0].addr,
+            SocketAddr::from(([0, 0, 0, 0], 9092))
+        );
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let e = build("listne = \"127.0.0.1:1\"").err().unwrap().to_string();
+        assert!(e.contains("listne"), "{e}");
+        let e = build("advertised_listener = \"nohost\"")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("advertised_listener"), "{e}");
+        let e = build("tenant = \"a/b\"").err().unwrap().to_string();
+        assert!(e.contains("tenant"), "{e}");
+        assert!(
+            build("advertised_listener = \"kafka.example:9093\"\nmax_frame_bytes = 1048576")
+                .is_ok()
+        );
+    }
+}
