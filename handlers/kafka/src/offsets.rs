@@ -264,12 +264,15 @@ pub(crate) async fn offset_commit(
     OffsetCommitResponse::default().with_topics(topics)
 }
 
-/// `(topic, partition) -> (offset, metadata)` of a group's commits.
+/// A partition's committed offset and metadata, or why there is none.
+type Committed = Result<(i64, String), ErrorCode>;
+
+/// `(topic, [(partition, commit)])` of a group's commits.
 fn committed(
     state: &State,
     group: &str,
     topics: Option<Vec<(String, Vec<i32>)>>,
-) -> Vec<(String, Vec<(i32, Result<(i64, String), ErrorCode>)>)> {
+) -> Vec<(String, Vec<(i32, Committed)>)> {
     let cursor_name = group_cursor_name(group);
     let wanted: Vec<(String, Vec<i32>)> = match topics {
         Some(t) => t,
