@@ -1,7 +1,10 @@
 """kafka-python (pure Python client) against the real gateway."""
 
+import importlib.util
 import time
 import uuid
+
+import pytest
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
@@ -110,3 +113,29 @@ def test_acks_zero_fire_and_forget(bootstrap, topic_name):
     got = [m.value for m in c]
     c.close()
     assert got == [b"f%d" % i for i in range(100)]
+
+
+CODEC_MODULES = {"snappy": "snappy", "lz4": "lz4", "zstd": "zstandard"}
+
+
+@pytest.mark.parametrize("codec", ["snappy", "lz4", "zstd"])
+def test_python_codecs(bootstrap, topic_name, codec):
+    """kafka-python writes snappy in the xerial framing (librdkafka writes
+    raw snappy): both must be accepted and read back."""
+    if importlib.util.find_spec(CODEC_MODULES[codec]) is None:
+        pytest.skip(f"python module {CODEC_MODULES[codec]} (kafka-python's {codec} codec) is not installed")
+    p = KafkaProducer(bootstrap_servers=bootstrap, compression_type=codec, acks="all", linger_ms=5)
+    for i in range(300):
+        p.send(topic_name, key=b"k%d" % i, value=(b"payload-%d-" % i) * 20, headers=[("i", b"%d" % i)])
+    p.flush(30)
+    p.close()
+    c = KafkaConsumer(topic_name, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      consumer_timeout_ms=5000)
+    got = []
+    for m in c:
+        got.append(m)
+        if len(got) == 300:
+            break
+    c.close()
+    assert [m.offset for m in got] == list(range(300))
+    assert all(m.value == (b"payload-%d-" % i) * 20 and m.headers == [("i", b"%d" % i)] for i, m in enumerate(got))
