@@ -1,6 +1,8 @@
 """Consumer group protocol details with librdkafka: the cooperative-sticky
-assignor (incremental rebalances) and static membership."""
+assignor (incremental rebalances), static membership, and session expiry
+of a member that crashed."""
 
+import sys
 import threading
 import time
 import uuid
@@ -144,3 +146,45 @@ def describe_generation(bootstrap, group):
     admin = AdminClient({"bootstrap.servers": bootstrap})
     d = admin.describe_consumer_groups([group])[group].result(15)
     return sorted(m.group_instance_id for m in d.members)
+
+
+CRASHER = r"""
+import sys, time
+from confluent_kafka import Consumer
+c = Consumer({"bootstrap.servers": sys.argv[1], "group.id": sys.argv[2],
+              "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+c.subscribe([sys.argv[3]])
+while True:
+    c.poll(0.2)
+    if c.assignment():
+        print("assigned", flush=True)
+"""
+
+
+def test_crashed_member_expires_and_its_partitions_move(bootstrap):
+    import subprocess
+
+    topic = make_topic(bootstrap, 2)
+    group = "crash-" + uuid.uuid4().hex[:6]
+    proc = subprocess.Popen([sys.executable, "-c", CRASHER, bootstrap, group, topic],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "assigned"
+        c = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                      "session.timeout.ms": 6000, "heartbeat.interval.ms": 500})
+        c.subscribe([topic])
+        deadline = time.time() + 20
+        while len(c.assignment()) != 1 and time.time() < deadline:
+            c.poll(0.2)
+        assert len(c.assignment()) == 1
+        proc.kill()  # no LeaveGroup: only the session timeout can tell
+        t0 = time.time()
+        deadline = time.time() + 30
+        while len(c.assignment()) != 2 and time.time() < deadline:
+            c.poll(0.2)
+        assert {p.partition for p in c.assignment()} == {0, 1}
+        assert time.time() - t0 < 6 + 10
+        c.close()
+    finally:
+        proc.kill()
+        proc.wait()
