@@ -36,7 +36,8 @@
 //!
 //! A persistent MQTT session `c` keeps a durable cursor [`session_cursor_name`]
 //! (`mqtt.<c>`) on each partition ledger its subscriptions match; a shared
-//! subscription group `g` keeps `mqtt-share.<g>`.
+//! subscription `$share/<g>/<f>` keeps one cursor per group and filter,
+//! [`shared_cursor_name`] (`mqtt-share.<g>/<f>`; a group name has no `/`).
 //!
 //! # Messages (MQTT PUBLISH <-> [`Message`])
 //!
@@ -243,9 +244,10 @@ pub fn session_cursor_name(client_id: &str) -> String {
     format!("mqtt.{client_id}")
 }
 
-/// The durable cursor of shared subscription group `group` on a partition.
-pub fn shared_cursor_name(group: &str) -> String {
-    format!("mqtt-share.{group}")
+/// The durable cursor of shared subscription `$share/<group>/<filter>` on
+/// a partition (the group's position, shared by its members).
+pub fn shared_cursor_name(group: &str, filter: &str) -> String {
+    format!("mqtt-share.{group}/{filter}")
 }
 
 // ---- topic names and filters ----

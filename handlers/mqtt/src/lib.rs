@@ -24,6 +24,7 @@
 
 pub mod codec;
 mod session;
+mod share;
 mod state;
 mod ws;
 

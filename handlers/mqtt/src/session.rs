@@ -26,6 +26,7 @@ use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, SubAck,
     UnsubAck, Version,
 };
+use crate::share::{pull_any, Group};
 use crate::state::{
     expiry_deadline, qos_label, FeedKey, KnownTopic, Online, Session, Shared, SubRecord,
 };
@@ -45,7 +46,7 @@ enum End {
     Shutdown,
 }
 
-struct Delivery {
+pub(crate) struct Delivery {
     key: FeedKey,
     cursor: Option<Arc<Cursor>>,
     offset: u64,
@@ -59,6 +60,9 @@ struct Inflight {
     qos: u8,
     /// QoS 2: PUBREC received, PUBREL sent, waiting for PUBCOMP.
     released: bool,
+    /// A shared subscription's message: given back to the group if this
+    /// connection ends before it is acknowledged.
+    share: Option<(Arc<Group>, Box<Delivery>)>,
 }
 
 /// A publish waiting for room in the window (retained messages).
@@ -84,6 +88,8 @@ struct Conn {
     pending: VecDeque<Pending>,
     next_pkid: u16,
     feeds: HashMap<FeedKey, AbortHandle>,
+    /// Shared subscription groups this connection is a member of.
+    groups: Vec<Arc<Group>>,
     tx: mpsc::Sender<Box<Delivery>>,
     will: Option<(MqttPublish, u32)>,
 }
@@ -318,6 +324,7 @@ pub(crate) async fn run(
         pending: VecDeque::new(),
         next_pkid: 1,
         feeds: HashMap::new(),
+        groups: Vec::new(),
         tx: mpsc::channel(1).0,
         will,
         shared: shared.clone(),
@@ -341,7 +348,7 @@ pub(crate) async fn run(
         props.retain_available = Some(1);
         props.wildcard_sub_available = Some(1);
         props.sub_id_available = Some(1);
-        props.shared_sub_available = Some(0);
+        props.shared_sub_available = Some(1);
         if properties.session_expiry.unwrap_or(0) != expiry {
             props.session_expiry = Some(expiry);
         }
@@ -363,6 +370,7 @@ pub(crate) async fn run(
                 cursor: None,
                 qos: 2,
                 released: true,
+                share: None,
             },
         );
         conn.wbuf_packet(&Packet::PubRel(Ack::ok(id)));
@@ -370,6 +378,13 @@ pub(crate) async fn run(
     if session_present {
         for k in shared.known_topics() {
             conn.start_feeds(&k, None).await;
+        }
+        let subs = conn.session.record.subs.clone();
+        for r in subs {
+            if let Ok(Some((name, filter))) = map::parse_shared(&r.filter) {
+                let g = shared.join_group(name, filter, r.since_ms, false).await;
+                conn.groups.push(g);
+            }
         }
     }
     let end = conn
@@ -424,7 +439,7 @@ impl Conn {
                 let Some(p) = self.pending.pop_front() else {
                     break;
                 };
-                self.send_publish(p.publish, p.qos, true, p.sub_ids, None, None);
+                self.send_publish(p.publish, p.qos, true, p.sub_ids, None, None, None);
             }
             self.flush(wr).await?;
             let ka_deadline = ka.map_or_else(
@@ -432,6 +447,7 @@ impl Conn {
                 |d| last_rx + d,
             );
             let room = self.inflight.len() < self.window && self.pending.is_empty();
+            let groups = self.groups.clone();
             if rbuf.capacity() - rbuf.len() < 64 {
                 rbuf.reserve(512);
             }
@@ -491,15 +507,26 @@ impl Conn {
                         }
                     }
                 }
-                t = new_topics.recv() => {
-                    match t {
-                        Ok(k) => self.start_feeds(&k, None).await,
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            for k in self.shared.known_topics() {
-                                self.start_feeds(&k, None).await;
-                            }
+                (g, d) = pull_any(&groups), if room && !groups.is_empty() => {
+                    self.deliver_shared(&g, d);
+                    while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
+                        match g.try_pull() {
+                            Some(d) => self.deliver_shared(&g, d),
+                            None => break,
                         }
-                        Err(broadcast::error::RecvError::Closed) => {}
+                    }
+                }
+                t = new_topics.recv() => {
+                    let topics = match t {
+                        Ok(k) => vec![k],
+                        Err(broadcast::error::RecvError::Lagged(_)) => self.shared.known_topics(),
+                        Err(broadcast::error::RecvError::Closed) => Vec::new(),
+                    };
+                    for k in topics {
+                        self.start_feeds(&k, None).await;
+                        for g in &groups {
+                            g.start_feeds(&self.shared, &k, false).await;
+                        }
                     }
                 }
             }
@@ -685,26 +712,22 @@ impl Conn {
         let sub_id = s.properties.subscription_ids.first().copied();
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut fresh: Vec<(SubRecord, bool)> = Vec::new();
+        let mut joins: Vec<(String, String, i64)> = Vec::new();
         for (filter, o) in s.filters {
             let failure = if self.v == Version::V5 {
                 None
             } else {
                 Some(0x80)
             };
-            match map::parse_shared(&filter) {
-                Ok(Some(_)) => {
-                    codes.push(
-                        failure.unwrap_or(ReasonCode::SharedSubscriptionsNotSupported.code()),
-                    );
-                    continue;
-                }
+            let share = match map::parse_shared(&filter) {
+                Ok(Some((g, f))) => Some((g.to_owned(), f.to_owned())),
                 Err(_) => {
                     codes.push(failure.unwrap_or(ReasonCode::TopicFilterInvalid.code()));
                     continue;
                 }
-                Ok(None) => {}
-            }
-            if map::validate_topic_filter(&filter).is_err() {
+                Ok(None) => None,
+            };
+            if share.is_none() && map::validate_topic_filter(&filter).is_err() {
                 codes.push(failure.unwrap_or(ReasonCode::TopicFilterInvalid.code()));
                 continue;
             }
@@ -717,7 +740,8 @@ impl Conn {
             let rec = SubRecord {
                 filter,
                 qos: o.qos,
-                nl: o.no_local,
+                // No-local is meaningless for a shared subscription.
+                nl: o.no_local && share.is_none(),
                 rap: o.retain_as_published,
                 rh: o.retain_handling,
                 id: sub_id,
@@ -728,7 +752,15 @@ impl Conn {
                 None => subs.push(rec.clone()),
             }
             codes.push(o.qos);
-            fresh.push((rec, existing.is_none()));
+            match share {
+                Some((g, f)) => {
+                    if existing.is_none() {
+                        joins.push((g, f, rec.since_ms));
+                    }
+                }
+                // Retained messages are not sent for shared subscriptions.
+                None => fresh.push((rec, existing.is_none())),
+            }
         }
         if self.expiry > 0 {
             if let Err(e) = self
@@ -747,6 +779,10 @@ impl Conn {
                     }
                 }
             }
+        }
+        for (g, f, since) in joins {
+            let g = self.shared.join_group(&g, &f, since, true).await;
+            self.groups.push(g);
         }
         // Feeds start at the current end of existing topics, so every
         // message accepted after the SUBACK is delivered.
@@ -796,6 +832,15 @@ impl Conn {
             let subs = &mut self.session.record.subs;
             let before = subs.len();
             subs.retain(|s| &s.filter != f);
+            if subs.len() < before {
+                if let Some(key) = f.strip_prefix("$share/") {
+                    if let Some(i) = self.groups.iter().position(|g| g.key == key) {
+                        let g = self.groups.swap_remove(i);
+                        self.shared.leave_group(&g, false).await;
+                    }
+                }
+            }
+            let subs = &self.session.record.subs;
             codes.push(if subs.len() < before {
                 0
             } else {
@@ -812,8 +857,10 @@ impl Conn {
                 .iter()
                 .find(|k| k.name == key.0)
                 .map(|k| k.mqtt.clone());
-            let matched =
-                mqtt.is_some_and(|t| subs.iter().any(|s| map::topic_matches(&s.filter, &t)));
+            let matched = mqtt.is_some_and(|t| {
+                subs.iter()
+                    .any(|s| !is_shared(&s.filter) && map::topic_matches(&s.filter, &t))
+            });
             if !matched {
                 stop.push(key.clone());
             }
@@ -854,7 +901,7 @@ impl Conn {
             .record
             .subs
             .iter()
-            .filter(|s| map::topic_matches(&s.filter, &k.mqtt))
+            .filter(|s| !is_shared(&s.filter) && map::topic_matches(&s.filter, &k.mqtt))
             .map(|s| s.since_ms)
             .min();
         let Some(since) = since else { return };
@@ -929,7 +976,7 @@ impl Conn {
         let mut ids = Vec::new();
         let mut rap = false;
         for s in &self.session.record.subs {
-            if !map::topic_matches(&s.filter, &p.topic) {
+            if is_shared(&s.filter) || !map::topic_matches(&s.filter, &p.topic) {
                 continue;
             }
             if s.nl && p.client_id.as_deref() == Some(&*self.client_id) {
@@ -947,7 +994,37 @@ impl Conn {
         };
         let q = sq.min(p.qos);
         let retain = rap && p.retain;
-        self.send_publish(p, q, retain, ids, Some((d.key, d.offset)), d.cursor);
+        self.send_publish(p, q, retain, ids, Some((d.key, d.offset)), d.cursor, None);
+    }
+
+    /// Delivers a message of shared subscription group `g` with this
+    /// member's subscription options.
+    fn deliver_shared(&mut self, g: &Arc<Group>, d: Box<Delivery>) {
+        let now = now_ms();
+        if map::is_expired(&d.msg, now) {
+            if let Some(c) = &d.cursor {
+                c.ack(d.offset);
+            }
+            return;
+        }
+        let Some(sub) = self
+            .session
+            .record
+            .subs
+            .iter()
+            .find(|s| s.filter.strip_prefix("$share/") == Some(g.key.as_str()))
+        else {
+            // Unsubscribed meanwhile: another member takes it.
+            g.give_back(d);
+            return;
+        };
+        let p = map::message_to_publish(&d.msg, &d.fallback, now);
+        let q = sub.qos.min(p.qos);
+        let retain = sub.rap && p.retain;
+        let ids = sub.id.into_iter().collect();
+        let origin = Some((d.key.clone(), d.offset));
+        let cursor = d.cursor.clone();
+        self.send_publish(p, q, retain, ids, origin, cursor, Some((g.clone(), d)));
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -968,11 +1045,13 @@ impl Conn {
         sub_ids: Vec<u32>,
         origin: Option<(FeedKey, u64)>,
         cursor: Option<Arc<Cursor>>,
+        share: Option<(Arc<Group>, Box<Delivery>)>,
     ) {
         let mut dup = false;
         let pkid = if qos > 0 {
             match origin
                 .as_ref()
+                .filter(|_| share.is_none())
                 .and_then(|o| self.session.redeliver.remove(o))
             {
                 Some(id) if !self.inflight.contains_key(&id) => {
@@ -1024,6 +1103,7 @@ impl Conn {
             cursor,
             qos,
             released: false,
+            share,
         };
         if qos == 0 {
             ack(&f);
@@ -1040,11 +1120,22 @@ impl Conn {
         let shared = self.shared.clone();
         let persistent = self.expiry > 0;
         let now = now_ms();
-        // Unacknowledged deliveries are redelivered with DUP and their id.
+        // Unacknowledged deliveries are redelivered with DUP and their id;
+        // those of shared subscriptions go back to their group.
         for (id, f) in std::mem::take(&mut self.inflight) {
-            if let (false, Some(o)) = (f.released, f.origin) {
-                self.session.redeliver.insert(o, id);
+            if f.released {
+                continue;
             }
+            match (f.share, f.origin) {
+                (Some((g, d)), _) => g.give_back(d),
+                (None, Some(o)) => {
+                    self.session.redeliver.insert(o, id);
+                }
+                (None, None) => {}
+            }
+        }
+        for g in std::mem::take(&mut self.groups) {
+            shared.leave_group(&g, persistent).await;
         }
         if persistent {
             self.session.record.expiry = self.expiry;
@@ -1100,6 +1191,10 @@ impl Conn {
     }
 }
 
+fn is_shared(filter: &str) -> bool {
+    filter.starts_with("$share/")
+}
+
 fn ack(f: &Inflight) {
     if let (Some(c), Some((_, off))) = (&f.cursor, &f.origin) {
         c.ack(*off);
@@ -1108,7 +1203,7 @@ fn ack(f: &Inflight) {
 
 /// Reads one partition from `next` on and hands messages to the
 /// connection, skipping those the cursor already acknowledged.
-async fn feed(
+pub(crate) async fn feed(
     ledger: Arc<Ledger>,
     key: FeedKey,
     cursor: Option<Arc<Cursor>>,

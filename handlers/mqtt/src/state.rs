@@ -112,6 +112,9 @@ pub(crate) struct Shared {
     retained_ledger: Arc<Ledger>,
     sessions_ledger: Arc<Ledger>,
     pub(crate) sessions: Mutex<HashMap<Arc<str>, Slot>>,
+    /// Shared subscription groups with connected members, by
+    /// `<group>/<filter>`.
+    pub(crate) groups: Mutex<HashMap<String, Arc<crate::share::Group>>>,
     pub(crate) conn_ids: AtomicU64,
 }
 
@@ -176,6 +179,7 @@ impl Shared {
             retained_ledger,
             sessions_ledger,
             sessions: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
             conn_ids: AtomicU64::new(1),
         });
         shared.load_retained().await?;

@@ -1,0 +1,248 @@
+//! Shared subscriptions `$share/<group>/<filter>`.
+//!
+//! A group (one per group name and filter) reads every partition its filter
+//! matches through one durable cursor per partition
+//! (`mapping::mqtt::shared_cursor_name`), so its position survives members
+//! leaving and gateway restarts. Its feeds put messages into one bounded
+//! queue; members *pull* from it only while their in-flight window has
+//! room, so a message goes to exactly one member and a slow member gets
+//! fewer messages (least-loaded, FIFO among waiting members). Members
+//! acknowledge on the group cursor (PUBACK, PUBREC). A member that leaves
+//! with unacknowledged messages gives them back to the group, which hands
+//! them to another member first. The group runs while it has connected
+//! members; with none left its feeds stop and the cursor keeps the
+//! position (or is deleted when no session holds the subscription any
+//! more).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use broker::InitialPosition;
+use mapping::mqtt as map;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::session::{feed, Delivery};
+use crate::state::{FeedKey, KnownTopic, Shared};
+
+struct GroupRx {
+    rx: mpsc::Receiver<Box<Delivery>>,
+    /// Messages given back by members that left: served first.
+    re_rx: mpsc::UnboundedReceiver<Box<Delivery>>,
+}
+
+/// One shared subscription group (`$share/<name>/<filter>`).
+pub(crate) struct Group {
+    /// `<name>/<filter>`: the subscription filter without `$share/`.
+    pub(crate) key: String,
+    pub(crate) filter: String,
+    cursor_name: String,
+    /// Topics that appear later are read from this time on.
+    since_ms: i64,
+    tx: mpsc::Sender<Box<Delivery>>,
+    re_tx: mpsc::UnboundedSender<Box<Delivery>>,
+    rx: tokio::sync::Mutex<GroupRx>,
+    feeds: tokio::sync::Mutex<HashMap<FeedKey, AbortHandle>>,
+    /// Connected members (changed under `Shared::groups`' lock).
+    members: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("key", &self.key).finish()
+    }
+}
+
+impl Group {
+    fn new(name: &str, filter: &str, since_ms: i64) -> Group {
+        let (tx, rx) = mpsc::channel(64);
+        let (re_tx, re_rx) = mpsc::unbounded_channel();
+        Group {
+            key: format!("{name}/{filter}"),
+            filter: filter.to_owned(),
+            cursor_name: map::shared_cursor_name(name, filter),
+            since_ms,
+            tx,
+            re_tx,
+            rx: tokio::sync::Mutex::new(GroupRx { rx, re_rx }),
+            feeds: tokio::sync::Mutex::new(HashMap::new()),
+            members: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The next message for a member with room (waits its turn).
+    pub(crate) async fn pull(&self) -> Box<Delivery> {
+        let mut g = self.rx.lock().await;
+        let GroupRx { rx, re_rx } = &mut *g;
+        tokio::select! {
+            biased;
+            Some(d) = re_rx.recv() => d,
+            Some(d) = rx.recv() => d,
+            else => std::future::pending().await,
+        }
+    }
+
+    /// A message if one is ready and no other member is waiting.
+    pub(crate) fn try_pull(&self) -> Option<Box<Delivery>> {
+        let mut g = self.rx.try_lock().ok()?;
+        if let Ok(d) = g.re_rx.try_recv() {
+            return Some(d);
+        }
+        g.rx.try_recv().ok()
+    }
+
+    /// Gives an unacknowledged message back for another member.
+    pub(crate) fn give_back(&self, d: Box<Delivery>) {
+        let _ = self.re_tx.send(d);
+    }
+
+    /// Starts feeds for every partition of `k` if the filter matches it.
+    /// `at_end`: an existing topic without a group cursor is read from its
+    /// end (a new subscription); otherwise from the group's creation time.
+    pub(crate) async fn start_feeds(&self, shared: &Shared, k: &KnownTopic, at_end: bool) {
+        if !map::topic_matches(&self.filter, &k.mqtt) {
+            return;
+        }
+        let mut feeds = self.feeds.lock().await;
+        for p in 0..k.partitions {
+            let key: FeedKey = Arc::new((k.name.clone(), p));
+            if feeds.contains_key(&key) {
+                continue;
+            }
+            let Ok(ledger) = shared.broker.ledger(&k.name, p) else {
+                continue;
+            };
+            let cursor = match ledger.cursor(&self.cursor_name) {
+                Some(c) => c,
+                None => {
+                    let end = ledger.end_offset();
+                    let pos = if at_end {
+                        end
+                    } else {
+                        match ledger.find_offset_by_timestamp(self.since_ms).await {
+                            Ok(Some(o)) => o,
+                            _ => end,
+                        }
+                    };
+                    match ledger
+                        .open_cursor(&self.cursor_name, InitialPosition::Offset(pos))
+                        .await
+                    {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not open shared cursor");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let next = cursor.mark_delete();
+            let task = tokio::spawn(feed(
+                ledger,
+                key.clone(),
+                Some(cursor),
+                next,
+                k.mqtt.clone(),
+                self.tx.clone(),
+            ));
+            feeds.insert(key, task.abort_handle());
+        }
+    }
+}
+
+impl Shared {
+    /// Joins (creating if needed) the group `$share/<name>/<filter>` and
+    /// starts its feeds on the known topics.
+    pub(crate) async fn join_group(
+        &self,
+        name: &str,
+        filter: &str,
+        since_ms: i64,
+        at_end: bool,
+    ) -> Arc<Group> {
+        let g = {
+            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let g = groups
+                .entry(format!("{name}/{filter}"))
+                .or_insert_with(|| Arc::new(Group::new(name, filter, since_ms)))
+                .clone();
+            g.members.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            g
+        };
+        for k in self.known_topics() {
+            g.start_feeds(self, &k, at_end).await;
+        }
+        g
+    }
+
+    /// Leaves a group. The last member stops its feeds and persists the
+    /// group's cursors; `keep` false deletes them unless an offline
+    /// session still holds the subscription.
+    pub(crate) async fn leave_group(&self, g: &Arc<Group>, keep: bool) {
+        let last = {
+            let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+            let n = g.members.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            if n == 1 {
+                if groups.get(&g.key).is_some_and(|x| Arc::ptr_eq(x, g)) {
+                    groups.remove(&g.key);
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if !last {
+            return;
+        }
+        let keys: Vec<FeedKey> = {
+            let mut feeds = g.feeds.lock().await;
+            for h in feeds.values() {
+                h.abort();
+            }
+            feeds.drain().map(|(k, _)| k).collect()
+        };
+        let filter = format!("$share/{}", g.key);
+        let held = keep || self.held_offline(&filter);
+        for k in keys {
+            let Ok(l) = self.broker.ledger(&k.0, k.1) else {
+                continue;
+            };
+            if held {
+                let _ = l.persist_cursors().await;
+            } else {
+                let _ = l.delete_cursor(&g.cursor_name).await;
+            }
+        }
+    }
+
+    /// Whether a stored (offline) session subscribes to `filter`.
+    fn held_offline(&self, filter: &str) -> bool {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(|s| s.stored.as_ref())
+            .any(|s| s.record.subs.iter().any(|r| r.filter == filter))
+    }
+}
+
+/// Waits for a message from any of `groups`.
+pub(crate) async fn pull_any(groups: &[Arc<Group>]) -> (Arc<Group>, Box<Delivery>) {
+    if let [g] = groups {
+        return (g.clone(), g.pull().await);
+    }
+    let mut futs: Vec<Pin<Box<dyn Future<Output = Box<Delivery>> + Send + '_>>> =
+        groups.iter().map(|g| Box::pin(g.pull()) as _).collect();
+    std::future::poll_fn(|cx| {
+        for (i, f) in futs.iter_mut().enumerate() {
+            if let Poll::Ready(d) = f.as_mut().poll(cx) {
+                return Poll::Ready((groups[i].clone(), d));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
