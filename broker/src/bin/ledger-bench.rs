@@ -28,13 +28,17 @@ const PRODUCERS: usize = 64;
 
 struct Args {
     seconds: f64,
+    rounds: usize,
+    only: Option<String>,
     dir: Option<PathBuf>,
     out: PathBuf,
 }
 
 fn args() -> Args {
     let mut a = Args {
-        seconds: 3.0,
+        seconds: 2.0,
+        rounds: 3,
+        only: None,
         dir: None,
         out: PathBuf::from("BENCHMARKS.md"),
     };
@@ -42,11 +46,13 @@ fn args() -> Args {
     while let Some(k) = it.next() {
         let v = it.next().unwrap_or_default();
         match k.as_str() {
-            "--seconds" => a.seconds = v.parse().unwrap_or(3.0),
+            "--seconds" => a.seconds = v.parse().unwrap_or(2.0),
+            "--rounds" => a.rounds = v.parse().unwrap_or(3).max(1),
+            "--only" => a.only = Some(v),
             "--dir" => a.dir = Some(PathBuf::from(v)),
             "--out" => a.out = PathBuf::from(v),
             _ => {
-                eprintln!("usage: ledger-bench [--seconds N] [--dir DIR] [--out FILE]");
+                eprintln!("usage: ledger-bench [--seconds N] [--rounds N] [--only always|group|interval] [--dir DIR] [--out FILE]");
                 std::process::exit(2);
             }
         }
@@ -241,31 +247,50 @@ async fn main() {
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     println!(
-        "{PRODUCERS} concurrent producers, one message per entry, {}s per case",
-        a.seconds
+        "{PRODUCERS} concurrent producers, one message per entry, {}s x {} rounds per case",
+        a.seconds, a.rounds
     );
     for fsync in [
         FsyncPolicy::Always,
         FsyncPolicy::Group,
         FsyncPolicy::Interval,
     ] {
+        let name = format!("{fsync:?}").to_lowercase();
+        if a.only.as_ref().is_some_and(|o| *o != name) {
+            continue;
+        }
         for size in [100usize, 1024, 65536] {
-            let dir = base.join(format!("{fsync:?}-{size}").to_lowercase());
-            let (l, r) = append_run(&dir, size, fsync, a.seconds).await;
-            let ledger_mbps = r.bytes as f64 / r.secs / 1e6;
-            let raw = raw_write(&dir, r.bytes, r.fsyncs);
-            let read = ledger_read(&l).await;
-            let raw_read = raw_read(&dir);
-            l.close().await;
+            // Ledger and raw runs alternate so that both see the same disk
+            // weather; the round with the median ratio is reported.
+            let mut rounds = Vec::new();
+            for round in 0..a.rounds {
+                let dir = base.join(format!("{name}-{size}-{round}"));
+                let (l, r) = append_run(&dir, size, fsync, a.seconds).await;
+                let ledger_mbps = r.bytes as f64 / r.secs / 1e6;
+                let raw = raw_write(&dir, r.bytes, r.fsyncs);
+                let reads = if round + 1 == a.rounds {
+                    let read = ledger_read(&l).await;
+                    Some((read, raw_read(&dir)))
+                } else {
+                    None
+                };
+                l.close().await;
+                drop(l);
+                let _ = std::fs::remove_dir_all(&dir);
+                rounds.push((ledger_mbps / raw, ledger_mbps, raw, r, reads));
+            }
+            let (read, raw_read) = rounds.iter().find_map(|x| x.4).unwrap_or((0.0, 1.0));
+            rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
+            let (ratio, ledger_mbps, raw, r, _) = &rounds[rounds.len() / 2];
             let row = format!(
                 "| {} | {} B | {:.0} | {:.1} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |",
-                format!("{fsync:?}").to_lowercase(),
+                name,
                 size,
                 r.messages as f64 / r.secs,
                 ledger_mbps,
                 r.fsyncs,
                 raw,
-                ledger_mbps / raw,
+                ratio,
                 r.tail_messages as f64 / r.secs,
                 read,
                 raw_read,
@@ -273,7 +298,6 @@ async fn main() {
             );
             println!("{row}");
             let _ = writeln!(table, "{row}");
-            let _ = std::fs::remove_dir_all(&dir);
         }
     }
     let date = std::process::Command::new("date")
@@ -282,13 +306,19 @@ async fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let only = a
+        .only
+        .as_ref()
+        .map(|o| format!(" --only {o}"))
+        .unwrap_or_default();
     let section = format!(
-        "\n## ledger-bench, {date}\n\n`cargo run --release -p broker --bin ledger-bench -- --seconds {}`\n\n\
+        "\n## ledger-bench, {date}\n\n`cargo run --release -p broker --bin ledger-bench -- --seconds {} --rounds {}{only}`\n\n\
          {PRODUCERS} concurrent producers append one message per entry. \"raw\" writes the same bytes to a plain file \
-         in the same directory with the same number of fdatasyncs; \"ratio\" is ledger / raw. Reads: a catch-up read of \
-         the whole ledger vs a plain read of its segment files, both from the page cache. \"tail\" is what a concurrent \
-         `read_or_wait` reader received.\n\n{table}",
-        a.seconds
+         in the same directory with the same number of fdatasyncs; \"ratio\" is ledger / raw. Each case runs ledger \
+         then raw {} times, alternating, and shows the round with the median ratio. Reads (last round): a catch-up \
+         read of the whole ledger vs a plain read of its segment files, both from the page cache. \"tail\" is what \
+         a concurrent `read_or_wait` reader received.\n\n{table}",
+        a.seconds, a.rounds, a.rounds
     );
     let mut f = std::fs::OpenOptions::new()
         .create(true)

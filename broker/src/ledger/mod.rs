@@ -149,6 +149,8 @@ pub struct Ledger {
     budget: Arc<Semaphore>,
     closed: AtomicBool,
     fsyncs: AtomicU64,
+    /// The last large read buffer, reused when its entries are dropped.
+    read_buf: Mutex<Option<Bytes>>,
 }
 
 const CURSORS_FILE: &str = "cursors.json";
@@ -332,6 +334,7 @@ impl Ledger {
             budget,
             closed: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
+            read_buf: Mutex::new(None),
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -446,17 +449,20 @@ impl Ledger {
             }
             // Find the entry containing `offset`, starting at the index floor.
             let mut pos = seg.floor_pos(offset);
-            loop {
-                let Some(h) = seg.header_at(pos, limit)? else {
-                    break;
-                };
+            while let Some(h) = seg.header_at(pos, limit)? {
                 if h.base_offset + u64::from(h.count) > offset {
                     break;
                 }
                 pos += h.frame_size();
             }
-            let read =
-                seg.read_entries(pos, limit, budget, self.options.max_entry_bytes, &mut out)?;
+            let read = seg.read_entries(
+                pos,
+                limit,
+                budget,
+                self.options.max_entry_bytes,
+                &mut out,
+                &self.read_buf,
+            )?;
             budget = budget.saturating_sub(read);
             if let Some(last) = out.last() {
                 offset = last.end_offset();
