@@ -750,6 +750,14 @@ impl Broker {
         }
     }
 
+    /// The in-flight append memory budget: (bytes available now, total
+    /// bytes). Handlers may signal back-pressure to clients (AMQP
+    /// `connection.blocked`, ...) when little is available.
+    pub fn memory_budget(&self) -> (u64, u64) {
+        let total = (self.config.memory_budget_bytes / 1024).clamp(1, u64::from(u32::MAX >> 3));
+        (self.budget.available_permits() as u64 * 1024, total * 1024)
+    }
+
     /// Is the broker still accepting work?
     pub fn is_running(&self) -> bool {
         !*self.shutdown.borrow()

@@ -15,7 +15,8 @@ pub mod topic;
 pub use broker::{Broker, BrokerConfig, CursorStats, PartitionStats, TopicStats};
 pub use error::{BrokerError, Result};
 pub use ledger::{
-    AppendEntry, Appended, Backlog, Cursor, Entry, InitialPosition, Ledger, LedgerOptions,
+    AppendEntry, Appended, Backlog, Cursor, CursorOptions, Entry, InitialPosition, Ledger,
+    LedgerOptions,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

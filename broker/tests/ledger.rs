@@ -389,3 +389,41 @@ mod arbitrary_segments {
         }
     }
 }
+
+#[tokio::test]
+async fn cursors_that_do_not_hold_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(4096));
+    let group = l
+        .open_cursor_with(
+            "kafka.g",
+            InitialPosition::Earliest,
+            broker::CursorOptions {
+                holds_retention: false,
+            },
+        )
+        .await
+        .unwrap();
+    for _ in 0..60 {
+        l.append(entry(vec![1u8; 300], 1, 1_000)).await.unwrap();
+    }
+    let expire = NamespacePolicy {
+        retention_ms: 10,
+        ..policy(4096)
+    };
+    assert!(
+        l.apply_retention(&expire, 1_000_000).await.unwrap() > 0,
+        "the group does not pin data"
+    );
+    assert!(l.start_offset() > 0);
+    assert_eq!(group.mark_delete(), 0);
+    assert!(l.backlog(&group).messages <= 60);
+    l.close().await;
+    drop((l, group));
+    let l = open(dir.path(), policy(4096));
+    assert!(
+        !l.cursor("kafka.g").unwrap().holds_retention(),
+        "the option is persisted"
+    );
+    l.close().await;
+}

@@ -23,6 +23,24 @@ pub enum InitialPosition {
     Offset(u64),
 }
 
+/// Options of a new durable cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorOptions {
+    /// Retention deletes nothing this cursor has not passed (Pulsar
+    /// subscription and AMQP queue semantics). `false` for positions that
+    /// must not pin data, e.g. Kafka consumer-group offsets, which expire
+    /// with the topic's retention like in Kafka.
+    pub holds_retention: bool,
+}
+
+impl Default for CursorOptions {
+    fn default() -> Self {
+        CursorOptions {
+            holds_retention: true,
+        }
+    }
+}
+
 /// Half-open ranges of acknowledged offsets, kept disjoint and merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RangeSet {
@@ -102,10 +120,16 @@ impl RangeSet {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// Persisted form of a cursor.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct CursorSnapshot {
     pub(crate) mark_delete: u64,
+    #[serde(default = "yes")]
+    pub(crate) holds_retention: bool,
     #[serde(default)]
     pub(crate) acked: Vec<(u64, u64)>,
     #[serde(default)]
@@ -127,14 +151,25 @@ struct CursorState {
 pub struct Cursor {
     name: String,
     durable: bool,
+    holds_retention: bool,
     state: Mutex<CursorState>,
 }
 
 impl Cursor {
     pub(crate) fn new(name: &str, durable: bool, mark_delete: u64) -> Cursor {
+        Self::with_retention(name, durable, durable, mark_delete)
+    }
+
+    pub(crate) fn with_retention(
+        name: &str,
+        durable: bool,
+        holds_retention: bool,
+        mark_delete: u64,
+    ) -> Cursor {
         Cursor {
             name: name.to_owned(),
             durable,
+            holds_retention,
             state: Mutex::new(CursorState {
                 mark_delete,
                 acked: RangeSet::default(),
@@ -145,7 +180,7 @@ impl Cursor {
     }
 
     pub(crate) fn from_snapshot(name: &str, snap: CursorSnapshot) -> Cursor {
-        let c = Cursor::new(name, true, snap.mark_delete);
+        let c = Cursor::with_retention(name, true, snap.holds_retention, snap.mark_delete);
         {
             let mut st = c.lock();
             for (s, e) in snap.acked {
@@ -166,6 +201,7 @@ impl Cursor {
         (
             CursorSnapshot {
                 mark_delete: st.mark_delete,
+                holds_retention: self.holds_retention,
                 acked: st
                     .acked
                     .ranges()
@@ -187,9 +223,14 @@ impl Cursor {
         &self.name
     }
 
-    /// Whether the cursor is persisted and holds back retention.
+    /// Whether the cursor is persisted.
     pub fn is_durable(&self) -> bool {
         self.durable
+    }
+
+    /// Whether retention waits for this cursor before deleting data.
+    pub fn holds_retention(&self) -> bool {
+        self.holds_retention
     }
 
     /// The mark-delete offset: every offset below it is acknowledged.

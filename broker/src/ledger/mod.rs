@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
-pub use cursor::{Cursor, InitialPosition, RangeSet};
+pub use cursor::{Cursor, CursorOptions, InitialPosition, RangeSet};
 pub use segment::{Entry, ENTRY_OVERHEAD};
 
 use crate::error::{BrokerError, Result};
@@ -565,7 +565,7 @@ impl Ledger {
             let cursors = self.cursors.lock().unwrap_or_else(|e| e.into_inner());
             cursors
                 .values()
-                .filter(|c| c.is_durable())
+                .filter(|c| c.is_durable() && c.holds_retention())
                 .map(|c| c.mark_delete())
                 .min()
         };
@@ -673,6 +673,21 @@ impl Ledger {
     /// # Errors
     /// [`BrokerError::InvalidName`] for an empty name; I/O errors persisting.
     pub async fn open_cursor(&self, name: &str, initial: InitialPosition) -> Result<Arc<Cursor>> {
+        self.open_cursor_with(name, initial, CursorOptions::default())
+            .await
+    }
+
+    /// Like [`Ledger::open_cursor`], with options for a new cursor (an
+    /// existing cursor keeps the options it was created with).
+    ///
+    /// # Errors
+    /// As [`Ledger::open_cursor`].
+    pub async fn open_cursor_with(
+        &self,
+        name: &str,
+        initial: InitialPosition,
+        options: CursorOptions,
+    ) -> Result<Arc<Cursor>> {
         if name.is_empty() {
             return Err(BrokerError::InvalidName {
                 name: String::new(),
@@ -684,7 +699,12 @@ impl Ledger {
             match cursors.get(name) {
                 Some(c) => (c.clone(), false),
                 None => {
-                    let c = Arc::new(Cursor::new(name, true, self.initial_offset(initial)));
+                    let c = Arc::new(Cursor::with_retention(
+                        name,
+                        true,
+                        options.holds_retention,
+                        self.initial_offset(initial),
+                    ));
                     cursors.insert(name.to_owned(), c.clone());
                     (c, true)
                 }
