@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dashmap_lite::LedgerMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
@@ -90,44 +89,42 @@ struct Metadata {
 
 const METADATA_FILE: &str = "metadata.json";
 
-/// A tiny concurrent map of open ledgers keyed by (topic, partition).
-mod dashmap_lite {
-    use std::collections::HashMap;
-    use std::sync::{Arc, RwLock};
+/// Open ledgers: topic -> one ledger per partition. Looked up by reference
+/// on every request, so no key is built or cloned on the hot path.
+#[derive(Debug, Default)]
+struct LedgerMap(dashmap::DashMap<TopicName, Vec<Arc<Ledger>>>);
 
-    use crate::ledger::Ledger;
-    use crate::topic::TopicName;
+impl LedgerMap {
+    fn get(&self, t: &TopicName, p: u32) -> Option<Arc<Ledger>> {
+        self.0.get(t).and_then(|v| v.get(p as usize).cloned())
+    }
 
-    #[derive(Debug, Default)]
-    pub(super) struct LedgerMap(RwLock<HashMap<(TopicName, u32), Arc<Ledger>>>);
+    /// Records the ledger of partition `p`; partitions are opened in order.
+    fn insert(&self, t: TopicName, p: u32, l: Arc<Ledger>) {
+        let mut v = self.0.entry(t).or_default();
+        let i = p as usize;
+        if i < v.len() {
+            v[i] = l;
+        } else {
+            v.push(l);
+        }
+    }
 
-    impl LedgerMap {
-        pub(super) fn get(&self, t: &TopicName, p: u32) -> Option<Arc<Ledger>> {
-            self.0
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&(t.clone(), p))
-                .cloned()
-        }
-        pub(super) fn insert(&self, t: TopicName, p: u32, l: Arc<Ledger>) {
-            self.0
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((t, p), l);
-        }
-        pub(super) fn remove_topic(&self, t: &TopicName) -> Vec<Arc<Ledger>> {
-            let mut m = self.0.write().unwrap_or_else(|e| e.into_inner());
-            let keys: Vec<_> = m.keys().filter(|(n, _)| n == t).cloned().collect();
-            keys.into_iter().filter_map(|k| m.remove(&k)).collect()
-        }
-        pub(super) fn all(&self) -> Vec<((TopicName, u32), Arc<Ledger>)> {
-            self.0
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
-        }
+    fn remove_topic(&self, t: &TopicName) -> Vec<Arc<Ledger>> {
+        self.0.remove(t).map(|(_, v)| v).unwrap_or_default()
+    }
+
+    fn all(&self) -> Vec<(TopicName, Arc<Ledger>)> {
+        self.0
+            .iter()
+            .flat_map(|e| {
+                let t = e.key().clone();
+                e.value()
+                    .iter()
+                    .map(move |l| (t.clone(), l.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 }
 
@@ -692,7 +689,7 @@ impl Broker {
         let now = now_ms();
         let meta = self.view().clone();
         let mut deleted = 0;
-        for ((name, _), l) in self.ledgers.all() {
+        for (name, l) in self.ledgers.all() {
             let Some(t) = meta.topics.get(&name.to_string()) else {
                 continue;
             };
