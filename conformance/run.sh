@@ -49,8 +49,8 @@ if ! cargo build --release --workspace --bins; then
   echo "0 passed, 1 failed"
   exit 1
 fi
-say "cargo test --release --workspace"
-cargo test --release --workspace 2>&1 | tee "$logs/cargo-test.log"
+say "cargo test --release --workspace --no-fail-fast"
+cargo test --release --workspace --no-fail-fast 2>&1 | tee "$logs/cargo-test.log"
 cargo_rc=${PIPESTATUS[0]}
 read -r cp cf < <(python3 - "$logs/cargo-test.log" <<'PY'
 import re, sys
