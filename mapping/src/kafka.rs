@@ -408,18 +408,7 @@ pub fn split_and_validate(records: &Bytes) -> Result<Vec<ValidatedBatch>, (Error
                 format!("unknown compression codec {}", h.attributes & 7),
             ));
         }
-        let recs = decode_records(&h, &bytes).map_err(|e| (ErrorCode::InvalidRecord, e))?;
-        if recs.len() != h.records_count as usize {
-            return Err((ErrorCode::InvalidRecord, "record count mismatch".into()));
-        }
-        for (i, r) in recs.iter().enumerate() {
-            if r.offset_delta != i as i32 {
-                return Err((
-                    ErrorCode::InvalidRecord,
-                    "record offset deltas are not 0, 1, 2, ...".into(),
-                ));
-            }
-        }
+        check_records(&h, &bytes).map_err(|e| (ErrorCode::InvalidRecord, e))?;
         out.push(ValidatedBatch { header: h, bytes });
         pos += total;
     }
@@ -499,6 +488,57 @@ pub fn decode_records(h: &BatchHeader, bytes: &Bytes) -> Result<Vec<Record>, Str
         return Err("trailing bytes after the last record".into());
     }
     Ok(out)
+}
+
+/// Checks that a batch's records decode exactly as [`decode_records`]
+/// would decode them and that their offset deltas are 0, 1, 2, ..., without
+/// building them (no allocation for an uncompressed batch).
+fn check_records(h: &BatchHeader, bytes: &Bytes) -> Result<(), String> {
+    let body = bytes.slice(BATCH_HEADER_LEN..h.total_len().min(bytes.len()));
+    let data = match h.compression()? {
+        Compression::None => body,
+        c => Bytes::from(decompress(c, &body, MAX_DECOMPRESSED_BYTES)?),
+    };
+    let count = h.records_count as usize;
+    if count > data.len() / 7 + 1 {
+        return Err("record count exceeds the batch size".into());
+    }
+    let mut r = Reader {
+        data: &data,
+        pos: 0,
+    };
+    for i in 0..count {
+        let len = r.varint()?;
+        if len < 0 || len as usize > r.remaining() {
+            return Err("record length out of range".into());
+        }
+        let end = r.pos + len as usize;
+        r.u8()?;
+        r.varlong()?;
+        if r.varint()? != i as i32 {
+            return Err("record offset deltas are not 0, 1, 2, ...".into());
+        }
+        r.skip_nullable_bytes(end)?;
+        r.skip_nullable_bytes(end)?;
+        let hcount = r.varint()?;
+        if hcount < 0 || hcount as usize > (end.saturating_sub(r.pos)) / 2 {
+            return Err("header count out of range".into());
+        }
+        for _ in 0..hcount {
+            let name = r
+                .nullable_slice(end)?
+                .ok_or_else(|| "null header key".to_string())?;
+            std::str::from_utf8(name).map_err(|_| "header key is not UTF-8".to_string())?;
+            r.skip_nullable_bytes(end)?;
+        }
+        if r.pos != end {
+            return Err("record length does not match its fields".into());
+        }
+    }
+    if r.pos != data.len() {
+        return Err("trailing bytes after the last record".into());
+    }
+    Ok(())
 }
 
 fn decompress(c: Compression, data: &[u8], max: usize) -> Result<Vec<u8>, String> {
@@ -602,6 +642,25 @@ impl Reader<'_> {
     fn varlong(&mut self) -> Result<i64, String> {
         let v = self.uvarint(10)?;
         Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+
+    fn nullable_slice(&mut self, end: usize) -> Result<Option<&[u8]>, String> {
+        let len = self.varint()?;
+        if len < 0 {
+            return Ok(None);
+        }
+        let len = len as usize;
+        if self.pos + len > end || self.pos + len > self.data.len() {
+            return Err("field length exceeds the record".into());
+        }
+        let data: &Bytes = self.data;
+        let b = &data[self.pos..self.pos + len];
+        self.pos += len;
+        Ok(Some(b))
+    }
+
+    fn skip_nullable_bytes(&mut self, end: usize) -> Result<(), String> {
+        self.nullable_slice(end).map(|_| ())
     }
 
     fn nullable_bytes(&mut self, end: usize) -> Result<Option<Bytes>, String> {

@@ -233,16 +233,33 @@ pub fn encode_response(
     body: &ResponseKind,
 ) -> Result<Bytes, String> {
     let mut buf = BytesMut::with_capacity(256);
+    encode_response_into(&mut buf, correlation_id, api, version, body)?;
+    Ok(buf.freeze())
+}
+
+/// Like [`encode_response`], into `buf` (cleared first), so a connection
+/// can reuse one buffer.
+///
+/// # Errors
+/// The body does not encode at `version`.
+pub fn encode_response_into(
+    buf: &mut BytesMut,
+    correlation_id: i32,
+    api: ApiKey,
+    version: i16,
+    body: &ResponseKind,
+) -> Result<(), String> {
+    buf.clear();
     buf.put_i32(0);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
     header
-        .encode(&mut buf, api.response_header_version(version))
+        .encode(buf, api.response_header_version(version))
         .map_err(|e| format!("response header: {e}"))?;
-    body.encode(&mut buf, version)
+    body.encode(buf, version)
         .map_err(|e| format!("{api:?} v{version} response: {e}"))?;
     let len = (buf.len() - 4) as i32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
-    Ok(buf.freeze())
+    Ok(())
 }
 
 /// The ApiVersions response body listing [`SUPPORTED_APIS`].

@@ -1,19 +1,41 @@
 //! One Kafka connection: read frames, answer each request in order.
 //!
-//! Like a Kafka broker, a connection handles one request at a time and
-//! answers in request order (clients pipeline and match responses by
-//! correlation id, but rely on the order). A Fetch that long-polls holds
-//! the connection's next requests back, exactly as in Kafka.
+//! Clients pipeline requests (librdkafka keeps up to five Produce requests
+//! in flight per connection) and rely on responses coming back in request
+//! order. Consecutive Produce requests are therefore pipelined: each is
+//! started as soon as it is read (its idempotence check and its appends
+//! are queued to the ledgers in request order, so a partition's batches
+//! land in the order they were sent), up to [`MAX_IN_FLIGHT`] of them wait
+//! for durability together (sharing group commits), and their responses
+//! are written in request order. Any other request first waits for the
+//! Produce requests before it, then runs alone, as in Kafka: a Fetch that
+//! long-polls holds the connection's next requests back.
+//!
+//! Ordering argument: every in-flight Produce future lives in this
+//! connection's task, in a `FuturesOrdered`, which first polls futures in
+//! the order they were pushed; an append takes the ledger's memory budget
+//! and queue slot on its first poll unless it must wait, and those waits
+//! are FIFO (tokio's semaphores are fair) and wake in order.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::BytesMut;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use handler_api::{Connection, HandlerError};
 use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{self, Parsed};
 use crate::state::State;
+
+/// Most Produce requests of one connection in flight at once.
+const MAX_IN_FLIGHT: usize = 16;
+
+/// Largest response buffer a connection keeps between responses.
+const MAX_KEPT_BUFFER: usize = 1024 * 1024;
 
 /// What the connection knows about its client.
 #[derive(Debug, Default)]
@@ -21,6 +43,11 @@ pub(crate) struct Session {
     pub(crate) client_id: String,
     pub(crate) client_host: String,
 }
+
+/// A pipelined request's answer: correlation id, API, version, when it was
+/// read, and the response (`None`: nothing is sent).
+type Answer = (i32, ApiKey, i16, Instant, Option<ResponseKind>);
+type InFlight = FuturesOrdered<Pin<Box<dyn Future<Output = Answer> + Send>>>;
 
 pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), HandlerError> {
     let (mut r, mut w) = tokio::io::split(conn.stream);
@@ -30,8 +57,10 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
         ..Session::default()
     };
     let max = state.config.max_frame_bytes;
+    let mut in_flight: InFlight = FuturesOrdered::new();
+    let mut out = BytesMut::with_capacity(16 * 1024);
     loop {
-        loop {
+        while in_flight.len() < MAX_IN_FLIGHT {
             let frame = match codec::decode_frame(&mut buf, max) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -45,6 +74,7 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
             let (header, api, body) = match codec::parse_request(frame) {
                 Parsed::Request { header, api, body } => (header, api, body),
                 Parsed::ApiVersionsTooNew { correlation_id } => {
+                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     w.write_all(&codec::encode_api_versions_fallback(correlation_id))
                         .await?;
                     continue;
@@ -61,6 +91,7 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                     );
                     metrics::counter!("manifold_kafka_protocol_errors_total", "kind" => "unsupported")
                         .increment(1);
+                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     return Ok(());
                 }
                 Parsed::Malformed {
@@ -72,6 +103,7 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                     tracing::warn!(api_key, api_version, %reason, "closing connection: malformed request");
                     metrics::counter!("manifold_kafka_protocol_errors_total", "kind" => "malformed")
                         .increment(1);
+                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     return Err(HandlerError::Protocol(reason));
                 }
             };
@@ -85,30 +117,102 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                 .increment(1);
             let version = header.request_api_version;
             let correlation_id = header.correlation_id;
-            let started = std::time::Instant::now();
+            let started = Instant::now();
+            if let RequestKind::Produce(req) = *body {
+                // Idempotence state is rebuilt from the ledgers before the
+                // first batch of a partition; that must not reorder batches.
+                tokio::select! {
+                    () = crate::produce::prepare(&state, &req) => {}
+                    _ = conn.shutdown.cancelled() => return Ok(()),
+                }
+                let state = state.clone();
+                in_flight.push_back(Box::pin(async move {
+                    let resp = crate::produce::produce(&state, req, version)
+                        .await
+                        .map(ResponseKind::Produce);
+                    (correlation_id, api, version, started, resp)
+                }));
+                continue;
+            }
+            drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
             let response = tokio::select! {
                 r = handle(&state, &mut session, &header, *body) => r,
                 _ = conn.shutdown.cancelled() => return Ok(()),
             };
-            metrics::histogram!("manifold_kafka_request_duration_seconds", "api" => codec::api_name(api))
-                .record(started.elapsed().as_secs_f64());
-            let Some(response) = response else { continue };
-            match codec::encode_response(correlation_id, api, version, &response) {
-                Ok(bytes) => w.write_all(&bytes).await?,
-                Err(e) => {
-                    tracing::error!(error = %e, "could not encode a response; closing");
-                    return Err(HandlerError::Protocol(e));
+            respond(
+                &mut w,
+                &mut out,
+                (correlation_id, api, version, started, response),
+            )
+            .await?;
+        }
+        if in_flight.len() >= MAX_IN_FLIGHT {
+            // Full: read nothing more until the oldest answer is out.
+            let answer = tokio::select! {
+                a = in_flight.next() => a,
+                _ = conn.shutdown.cancelled() => return Ok(()),
+            };
+            if let Some(a) = answer {
+                respond(&mut w, &mut out, a).await?;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = conn.shutdown.cancelled() => return Ok(()),
+            Some(a) = in_flight.next(), if !in_flight.is_empty() => {
+                respond(&mut w, &mut out, a).await?;
+            }
+            n = r.read_buf(&mut buf) => {
+                if n? == 0 {
+                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
+                    return Ok(());
                 }
             }
         }
-        let n = tokio::select! {
-            _ = conn.shutdown.cancelled() => return Ok(()),
-            n = r.read_buf(&mut buf) => n?,
+    }
+}
+
+/// Writes the answers of every in-flight request, in order.
+async fn drain<W: AsyncWrite + Unpin>(
+    in_flight: &mut InFlight,
+    w: &mut W,
+    out: &mut BytesMut,
+    shutdown: &handler_api::CancellationToken,
+) -> Result<(), HandlerError> {
+    while !in_flight.is_empty() {
+        let answer = tokio::select! {
+            a = in_flight.next() => a,
+            _ = shutdown.cancelled() => return Ok(()),
         };
-        if n == 0 {
-            return Ok(());
+        match answer {
+            Some(a) => respond(w, out, a).await?,
+            None => break,
         }
     }
+    Ok(())
+}
+
+/// Records the request's duration and writes its response, if any.
+async fn respond<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    out: &mut BytesMut,
+    (correlation_id, api, version, started, response): Answer,
+) -> Result<(), HandlerError> {
+    metrics::histogram!("manifold_kafka_request_duration_seconds", "api" => codec::api_name(api))
+        .record(started.elapsed().as_secs_f64());
+    let Some(response) = response else {
+        return Ok(());
+    };
+    if let Err(e) = codec::encode_response_into(out, correlation_id, api, version, &response) {
+        tracing::error!(error = %e, "could not encode a response; closing");
+        return Err(HandlerError::Protocol(e));
+    }
+    w.write_all(out).await?;
+    if out.capacity() > MAX_KEPT_BUFFER {
+        // A large Fetch response: do not keep its buffer while idle.
+        *out = BytesMut::new();
+    }
+    Ok(())
 }
 
 /// Answers one request. `None` means no response is sent (Produce with

@@ -333,6 +333,34 @@ async fn produce_partition(
     }
 }
 
+/// Loads the idempotence state of every partition of `req` that carries
+/// idempotent batches and has none loaded yet, so that [`produce`] decides
+/// on its batches without waiting (pipelined requests are then checked and
+/// appended strictly in request order).
+pub(crate) async fn prepare(state: &State, req: &ProduceRequest) {
+    for t in &req.topic_data {
+        for p in &t.partition_data {
+            let Some(records) = &p.records else { continue };
+            let idempotent = mapping::kafka::parse_batch_header(records)
+                .map(|h| h.is_idempotent())
+                .unwrap_or(false);
+            if !idempotent {
+                continue;
+            }
+            let (Ok(ledger), Ok(topic)) = (
+                state.ledger(t.name.0.as_str(), p.index),
+                state.topic_name(t.name.0.as_str()),
+            ) else {
+                continue;
+            };
+            let key = (topic, p.index as u32);
+            if !state.producers.is_loaded(&key) {
+                state.producers.load(&key, &ledger).await;
+            }
+        }
+    }
+}
+
 /// Handles Produce; `None` for acks=0 (no response is sent).
 pub(crate) async fn produce(
     state: &Arc<State>,
