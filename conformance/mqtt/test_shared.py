@@ -52,7 +52,7 @@ def test_members_get_disjoint_subsets_covering_everything(gw, uniq, name, ver):
 def test_connack_advertises_shared_subscriptions(gw, uniq):
     c = Client(gw.port("mqtt"), f"{uniq}-c", V5).connect()
     props = c.connack[2]
-    assert getattr(props, "SharedSubscriptionAvailable", 1) == 1
+    assert props.SharedSubscriptionAvailable == 1
     c.close()
 
 

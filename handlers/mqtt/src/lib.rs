@@ -207,7 +207,9 @@ impl ProtocolHandler for MqttHandler {
                 return Err(HandlerError::Protocol("mqtt handler not started".into()));
             };
             if conn.listener == "mqtt-ws" {
-                ws::serve(shared, conn).await
+                // Boxed: a TCP connection's task does not pay for the
+                // WebSocket adapter's state.
+                Box::pin(ws::serve(shared, conn)).await
             } else {
                 session::run(shared, conn.stream, conn.shutdown).await
             }

@@ -90,7 +90,9 @@ struct Conn {
     feeds: HashMap<FeedKey, AbortHandle>,
     /// Shared subscription groups this connection is a member of.
     groups: Vec<Arc<Group>>,
-    tx: mpsc::Sender<Box<Delivery>>,
+    /// The feeds' channel, made when the first feed starts.
+    tx: Option<mpsc::Sender<Box<Delivery>>>,
+    feed_rx: Option<mpsc::Receiver<Box<Delivery>>>,
     will: Option<(MqttPublish, u32)>,
 }
 
@@ -276,7 +278,7 @@ pub(crate) async fn run(
                     if let Some(w) = slot.will.take() {
                         w.abort();
                     }
-                    prev = slot.stored.take();
+                    prev = slot.stored.take().map(|b| *b);
                     slot.online = Some(Online {
                         conn_id,
                         kick: kick.clone(),
@@ -297,7 +299,7 @@ pub(crate) async fn run(
     let session_present = !clean_start && prev.is_some();
     let session = if clean_start {
         if prev.is_some() {
-            shared.delete_session_state(&client_id).await;
+            Box::pin(shared.delete_session_state(&client_id)).await;
         }
         Session::default()
     } else {
@@ -325,16 +327,17 @@ pub(crate) async fn run(
         next_pkid: 1,
         feeds: HashMap::new(),
         groups: Vec::new(),
-        tx: mpsc::channel(1).0,
+        tx: None,
+        feed_rx: None,
         will,
         shared: shared.clone(),
     };
     conn.session.record.expiry = expiry;
     if expiry > 0 {
-        if let Err(e) = shared.store_session(&client_id, &conn.session.record).await {
+        if let Err(e) = Box::pin(shared.store_session(&client_id, &conn.session.record)).await {
             tracing::warn!(error = %e, "could not store session");
             let _ = write_packet(&mut wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
-            conn.release(End::Normal, gone_tx).await;
+            Box::pin(conn.release(End::Normal, gone_tx)).await;
             return Ok(());
         }
     }
@@ -358,8 +361,6 @@ pub(crate) async fn run(
         code: 0,
         properties: props,
     }));
-    let (tx, rx) = mpsc::channel(32);
-    conn.tx = tx;
     let new_topics = shared.new_topics.subscribe();
     // Resume: PUBRELs owed, then feeds for every matching topic.
     for id in conn.session.record.pubrel.clone() {
@@ -377,30 +378,30 @@ pub(crate) async fn run(
     }
     if session_present {
         for k in shared.known_topics() {
-            conn.start_feeds(&k, None).await;
+            Box::pin(conn.start_feeds(&k, None)).await;
         }
         let subs = conn.session.record.subs.clone();
         for r in subs {
             if let Ok(Some((name, filter))) = map::parse_shared(&r.filter) {
-                let g = shared.join_group(name, filter, r.since_ms, false).await;
+                let g = Box::pin(shared.join_group(name, filter, r.since_ms, false)).await;
                 conn.groups.push(g);
             }
         }
     }
     let end = conn
         .serve(
-            &mut rd, &mut wr, rbuf, rx, new_topics, keep_alive, &shutdown, &kick,
+            &mut rd, &mut wr, rbuf, new_topics, keep_alive, &shutdown, &kick,
         )
         .await;
     let end = match end {
         Ok(e) => e,
         Err(e) => {
-            conn.release(End::WithWill, gone_tx).await;
+            Box::pin(conn.release(End::WithWill, gone_tx)).await;
             return if io_benign(&e) { Ok(()) } else { Err(e.into()) };
         }
     };
     let _ = wr.shutdown().await;
-    conn.release(end, gone_tx).await;
+    Box::pin(conn.release(end, gone_tx)).await;
     Ok(())
 }
 
@@ -424,7 +425,6 @@ impl Conn {
         rd: &mut ReadHalf<Io>,
         wr: &mut WriteHalf<Io>,
         mut rbuf: BytesMut,
-        mut rx: mpsc::Receiver<Box<Delivery>>,
         mut new_topics: broadcast::Receiver<Arc<KnownTopic>>,
         keep_alive: u16,
         shutdown: &CancellationToken,
@@ -433,6 +433,12 @@ impl Conn {
         let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut last_rx = Instant::now();
         let max = self.shared.config.max_packet_size as usize;
+        // Reads land here first: an idle connection holds no heap buffer;
+        // `rbuf` grows only while packets arrive and is freed when empty.
+        let mut small = [0u8; 64];
+        if rbuf.is_empty() {
+            rbuf = BytesMut::new();
+        }
         let end = 'outer: loop {
             // Retained messages queued for the window go first.
             while self.inflight.len() < self.window {
@@ -448,9 +454,10 @@ impl Conn {
             );
             let room = self.inflight.len() < self.window && self.pending.is_empty();
             let groups = self.groups.clone();
-            if rbuf.capacity() - rbuf.len() < 64 {
-                rbuf.reserve(512);
-            }
+            // The feeds' receiver is polled from a local (the branches
+            // below need `self`); it goes back after the select.
+            let mut rx = self.feed_rx.take();
+            let listening = !self.session.record.subs.is_empty();
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
@@ -466,16 +473,22 @@ impl Conn {
                     self.disconnect(ReasonCode::KeepAliveTimeout);
                     break End::WithWill;
                 }
-                r = rd.read_buf(&mut rbuf) => {
+                r = rd.read(&mut small) => {
                     let n = r?;
                     if n == 0 {
                         break End::WithWill;
                     }
                     last_rx = Instant::now();
+                    rbuf.extend_from_slice(&small[..n]);
+                    if n == small.len() {
+                        read_ready(rd, &mut rbuf).await?;
+                    }
                     loop {
                         match codec::decode(&mut rbuf, self.v, max) {
                             Ok(Some(p)) => {
-                                if let Some(e) = self.handle(p).await {
+                                // Boxed: the connection's idle state does
+                                // not hold the largest handler's.
+                                if let Some(e) = Box::pin(self.handle(p)).await {
                                     break 'outer e;
                                 }
                             }
@@ -497,13 +510,15 @@ impl Conn {
                         rbuf = BytesMut::new();
                     }
                 }
-                d = rx.recv(), if room => {
-                    let Some(d) = d else { continue };
-                    self.deliver(*d);
-                    while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
-                        match rx.try_recv() {
-                            Ok(d) => self.deliver(*d),
-                            Err(_) => break,
+                d = async { rx.as_mut()?.recv().await }, if room && rx.is_some() => {
+                    if let Some(d) = d {
+                        self.deliver(*d);
+                        while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
+                            let Some(rx) = rx.as_mut() else { break };
+                            match rx.try_recv() {
+                                Ok(d) => self.deliver(*d),
+                                Err(_) => break,
+                            }
                         }
                     }
                 }
@@ -516,19 +531,22 @@ impl Conn {
                         }
                     }
                 }
-                t = new_topics.recv() => {
+                t = new_topics.recv(), if listening => {
                     let topics = match t {
                         Ok(k) => vec![k],
                         Err(broadcast::error::RecvError::Lagged(_)) => self.shared.known_topics(),
                         Err(broadcast::error::RecvError::Closed) => Vec::new(),
                     };
                     for k in topics {
-                        self.start_feeds(&k, None).await;
+                        Box::pin(self.start_feeds(&k, None)).await;
                         for g in &groups {
-                            g.start_feeds(&self.shared, &k, false).await;
+                            Box::pin(g.start_feeds(&self.shared, &k, false)).await;
                         }
                     }
                 }
+            };
+            if self.feed_rx.is_none() {
+                self.feed_rx = rx;
             }
         };
         self.flush(wr).await?;
@@ -954,10 +972,21 @@ impl Conn {
                 cursor,
                 next,
                 k.mqtt.clone(),
-                self.tx.clone(),
+                self.feed_tx(),
             ));
             self.feeds.insert(key, task.abort_handle());
         }
+    }
+
+    /// The sender feeds use (the channel is made on first use).
+    fn feed_tx(&mut self) -> mpsc::Sender<Box<Delivery>> {
+        if let Some(tx) = &self.tx {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(32);
+        self.tx = Some(tx.clone());
+        self.feed_rx = Some(rx);
+        tx
     }
 
     fn deliver(&mut self, d: Delivery) {
@@ -1169,7 +1198,7 @@ impl Conn {
                 if persistent {
                     if let Some(slot) = s.get_mut(&self.client_id) {
                         slot.online = None;
-                        slot.stored = Some(session);
+                        slot.stored = Some(Box::new(session));
                         slot.expires_at_ms = expiry_deadline(self.expiry, now);
                     }
                 } else {
@@ -1186,6 +1215,43 @@ impl Conn {
                     0
                 };
                 shared.schedule_will(&self.client_id, w, delay);
+            }
+        }
+    }
+}
+
+/// Reads whatever else is already available into `buf` without waiting.
+async fn read_ready(rd: &mut ReadHalf<Io>, buf: &mut BytesMut) -> std::io::Result<()> {
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+    loop {
+        let len = buf.len();
+        let chunk = len.clamp(4096, 64 * 1024);
+        buf.resize(len + chunk, 0);
+        let r = std::future::poll_fn(|cx| {
+            let mut rb = ReadBuf::new(&mut buf[len..]);
+            Poll::Ready(match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Ok(Some(rb.filled().len())),
+                Poll::Ready(Err(e)) => Err(e),
+                Poll::Pending => Ok(None),
+            })
+        })
+        .await;
+        match r {
+            Ok(Some(n)) => {
+                buf.truncate(len + n);
+                // 0 is the end of the stream: the next read sees it again.
+                if n < chunk {
+                    return Ok(());
+                }
+            }
+            Ok(None) => {
+                buf.truncate(len);
+                return Ok(());
+            }
+            Err(e) => {
+                buf.truncate(len);
+                return Err(e);
             }
         }
     }

@@ -93,7 +93,7 @@ pub(crate) struct Online {
 #[derive(Debug, Default)]
 pub(crate) struct Slot {
     pub(crate) online: Option<Online>,
-    pub(crate) stored: Option<Session>,
+    pub(crate) stored: Option<Box<Session>>,
     /// Offline persistent sessions expire at this time (ms).
     pub(crate) expires_at_ms: Option<i64>,
     /// A delayed will waiting to be published.
@@ -400,10 +400,10 @@ impl Shared {
                 Slot {
                     online: None,
                     expires_at_ms: expiry_deadline(rec.expiry, disconnected),
-                    stored: Some(Session {
+                    stored: Some(Box::new(Session {
                         record: rec,
                         ..Session::default()
-                    }),
+                    })),
                     will: None,
                 },
             );
