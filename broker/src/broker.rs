@@ -36,6 +36,9 @@ pub struct BrokerConfig {
     pub retention_check_interval_ms: u64,
     /// How often changed cursors are persisted in the background.
     pub cursor_flush_interval_ms: u64,
+    /// Bytes of the most recent entries each ledger keeps in memory for
+    /// tailing readers (0: every read goes to the segment files).
+    pub tail_cache_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -48,6 +51,7 @@ impl Default for BrokerConfig {
             append_queue_depth: 1024,
             retention_check_interval_ms: 60_000,
             cursor_flush_interval_ms: 1_000,
+            tail_cache_bytes: 1024 * 1024,
         }
     }
 }
@@ -210,6 +214,7 @@ impl Broker {
             max_batch_bytes: 8 * 1024 * 1024,
             budget_units: (self.config.memory_budget_bytes / 1024)
                 .clamp(1, u64::from(u32::MAX >> 3)) as u32,
+            tail_cache_bytes: self.config.tail_cache_bytes,
         }
     }
 

@@ -16,7 +16,7 @@ pub use broker::{Broker, BrokerConfig, CursorStats, PartitionStats, TopicStats};
 pub use error::{BrokerError, Result};
 pub use ledger::{
     AppendEntry, Appended, Backlog, Cursor, CursorOptions, Entry, InitialPosition, Ledger,
-    LedgerOptions,
+    LedgerOptions, PendingAppend,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

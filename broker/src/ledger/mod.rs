@@ -10,6 +10,12 @@
 //! never take the writer's path: they look up a segment under a short read
 //! lock and read with positional I/O on a blocking thread, seeing only what
 //! the writer has published as durable.
+//!
+//! Tail cache: the writer keeps the most recent durable entries (up to
+//! [`LedgerOptions::tail_cache_bytes`]) in memory, as slices of the buffer
+//! it just wrote. A reader at the tail — every live subscriber, consumer
+//! or queue — is served from it without a blocking-pool hop or a `pread`;
+//! only readers further behind go to the segment files.
 
 mod cursor;
 mod segment;
@@ -48,6 +54,9 @@ pub struct LedgerOptions {
     /// Size of the shared in-flight memory budget, in KiB units (an append
     /// of `n` bytes holds `n / 1024 + 1` units, at most this many).
     pub budget_units: u32,
+    /// Most bytes of recent entries kept in memory for tailing readers (0
+    /// disables the cache). A group commit larger than this is not cached.
+    pub tail_cache_bytes: usize,
 }
 
 impl Default for LedgerOptions {
@@ -57,7 +66,78 @@ impl Default for LedgerOptions {
             queue_depth: 1024,
             max_batch_bytes: 8 * 1024 * 1024,
             budget_units: 256 * 1024,
+            tail_cache_bytes: 1024 * 1024,
         }
+    }
+}
+
+/// One group commit's entries, as slices of the bytes that were written.
+#[derive(Debug)]
+struct CachedRun {
+    /// Bytes the run pins (its whole write buffer).
+    bytes: usize,
+    entries: Vec<Entry>,
+}
+
+/// The most recent durable entries, contiguous in offsets: runs are added
+/// at the back by the writer (before it publishes the new end offset) and
+/// dropped whole from the front.
+#[derive(Debug, Default)]
+struct TailCache {
+    runs: std::collections::VecDeque<CachedRun>,
+    bytes: usize,
+}
+
+impl TailCache {
+    /// First offset the cache holds, if any.
+    fn first_offset(&self) -> Option<u64> {
+        self.runs
+            .front()
+            .and_then(|r| r.entries.first())
+            .map(|e| e.base_offset)
+    }
+
+    fn push(&mut self, run: CachedRun, cap: usize) {
+        if run.entries.is_empty() {
+            return;
+        }
+        while self.bytes + run.bytes > cap {
+            match self.runs.pop_front() {
+                Some(r) => self.bytes -= r.bytes,
+                None => break,
+            }
+        }
+        self.bytes += run.bytes;
+        self.runs.push_back(run);
+    }
+
+    /// Entries from the one containing `from` up to about `max_bytes`
+    /// (at least one), below `end`; `None` if `from` is not cached.
+    fn read(&self, from: u64, end: u64, max_bytes: usize) -> Option<Vec<Entry>> {
+        if self.first_offset()? > from {
+            return None;
+        }
+        // Runs are never empty and are in offset order.
+        let first_run = self
+            .runs
+            .partition_point(|r| r.entries.last().is_none_or(|e| e.end_offset() <= from));
+        if first_run == self.runs.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut taken = 0usize;
+        for run in self.runs.iter().skip(first_run) {
+            let skip = run.entries.partition_point(|e| e.end_offset() <= from);
+            for e in &run.entries[skip..] {
+                if e.base_offset >= end || (!out.is_empty() && taken + e.stored_size() > max_bytes)
+                {
+                    return Some(out);
+                }
+                taken += e.stored_size();
+                out.push(e.clone());
+            }
+        }
+        Some(out)
     }
 }
 
@@ -84,6 +164,28 @@ pub struct Appended {
     pub base_offset: u64,
     /// Number of messages (the entry covers `base_offset..base_offset + count`).
     pub count: u32,
+}
+
+/// An append that is queued and not yet durable (see [`Ledger::submit`]).
+/// Awaiting it gives the append's result; dropping it does not cancel the
+/// append.
+#[derive(Debug)]
+pub struct PendingAppend {
+    rx: oneshot::Receiver<Result<Appended>>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl std::future::Future for PendingAppend {
+    type Output = Result<Appended>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(BrokerError::Closed)))
+    }
 }
 
 /// Point-in-time numbers of a ledger.
@@ -151,6 +253,8 @@ pub struct Ledger {
     fsyncs: AtomicU64,
     /// The last large read buffer, reused when its entries are dropped.
     read_buf: Mutex<Option<Bytes>>,
+    /// Recent durable entries for tailing readers.
+    tail: RwLock<TailCache>,
 }
 
 const CURSORS_FILE: &str = "cursors.json";
@@ -335,6 +439,7 @@ impl Ledger {
             closed: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             read_buf: Mutex::new(None),
+            tail: RwLock::new(TailCache::default()),
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -364,7 +469,7 @@ impl Ledger {
     }
 
     /// Appends one entry; completes once it is durable under the
-    /// namespace's fsync policy.
+    /// namespace's fsync policy. Same as `submit(entry).await?.await`.
     ///
     /// Back-pressure: waits for room in the broker's in-flight memory budget
     /// and in the ledger's append queue.
@@ -374,6 +479,22 @@ impl Ledger {
     /// a zero count, [`BrokerError::Closed`], and I/O errors of the write
     /// (the entry is then not stored).
     pub async fn append(&self, entry: AppendEntry) -> Result<Appended> {
+        self.submit(entry).await?.await
+    }
+
+    /// Queues one entry for appending and returns once it is queued, with
+    /// a [`PendingAppend`] that completes when it is durable. Entries one
+    /// task submits one after the other are stored in that order, so a
+    /// connection can keep many appends in flight (and answer them in
+    /// order) without waiting for each one's fsync before reading the next
+    /// request.
+    ///
+    /// Back-pressure: waits for room in the broker's in-flight memory budget
+    /// (held until the append completes) and in the ledger's append queue.
+    ///
+    /// # Errors
+    /// As [`Ledger::append`], for what can be known before the write.
+    pub async fn submit(&self, entry: AppendEntry) -> Result<PendingAppend> {
         if entry.payload.len() > self.options.max_entry_bytes {
             return Err(BrokerError::EntryTooLarge {
                 size: entry.payload.len(),
@@ -386,9 +507,10 @@ impl Ledger {
             ));
         }
         let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
-        let _permit = self
+        let permit = self
             .budget
-            .acquire_many(units)
+            .clone()
+            .acquire_many_owned(units)
             .await
             .map_err(|_| BrokerError::Closed)?;
         let (reply, rx) = oneshot::channel();
@@ -396,7 +518,10 @@ impl Ledger {
             .send(Command::Append { entry, reply })
             .await
             .map_err(|_| BrokerError::Closed)?;
-        rx.await.map_err(|_| BrokerError::Closed)?
+        Ok(PendingAppend {
+            rx,
+            _permit: permit,
+        })
     }
 
     /// Reads entries from `from` until about `max_bytes` are collected
@@ -420,6 +545,17 @@ impl Ledger {
         }
         if from == end {
             return Ok(Vec::new());
+        }
+        let cached = self
+            .tail
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(from, end, max_bytes);
+        if let Some(entries) = cached {
+            if !entries.is_empty() {
+                metrics::counter!("manifold_ledger_cache_reads_total").increment(1);
+                return Ok(entries);
+            }
         }
         let this = self.clone();
         let entries = tokio::task::spawn_blocking(move || this.read_blocking(from, end, max_bytes))
@@ -1103,6 +1239,10 @@ impl Writer {
             let mut max_ts = self.max_ts;
             let mut next = self.next_offset;
             let mut last_idx = self.last_index_pos;
+            // (payload position in `buf`, payload length, entry) of each
+            // frame, for the tail cache.
+            let mut frames: Vec<(usize, usize, Entry)> = Vec::new();
+            let caching = self.ledger.options.tail_cache_bytes > 0;
             while i < entries.len() {
                 let e = &entries[i];
                 let len = (ENTRY_OVERHEAD + e.payload.len()) as u64;
@@ -1119,6 +1259,20 @@ impl Writer {
                         max_ts_before: max_ts,
                     });
                     last_idx = Some(pos);
+                }
+                if caching {
+                    frames.push((
+                        self.buf.len() + ENTRY_OVERHEAD,
+                        e.payload.len(),
+                        Entry {
+                            base_offset: next,
+                            count: e.count,
+                            format: e.format,
+                            first_timestamp: e.first_timestamp,
+                            max_timestamp: e.max_timestamp,
+                            payload: Bytes::new(),
+                        },
+                    ));
                 }
                 segment::encode_frame(
                     &mut self.buf,
@@ -1183,12 +1337,47 @@ impl Writer {
             self.active.max_timestamp.store(max_ts, Ordering::Release);
             self.active.visible_size.store(self.size, Ordering::Release);
             self.active.visible_end.store(next, Ordering::Release);
+            if caching {
+                self.cache_run(frames);
+            }
             self.ledger.end_tx.send_replace(next);
             metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
             metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
             let _ = start_offset;
         }
         results
+    }
+
+    /// Hands the run just written (still in `self.buf`) to the tail cache.
+    /// The buffer goes with it (a new one is allocated for the next run),
+    /// so cached payloads are slices of exactly what was written.
+    fn cache_run(&mut self, frames: Vec<(usize, usize, Entry)>) {
+        let cap = self.ledger.options.tail_cache_bytes;
+        let mut cache = self.ledger.tail.write().unwrap_or_else(|e| e.into_inner());
+        if self.buf.len() > cap {
+            // Too large to cache: what is cached would no longer be
+            // contiguous with the next run.
+            cache.runs.clear();
+            cache.bytes = 0;
+            return;
+        }
+        let next = Vec::with_capacity(self.buf.len());
+        let written = std::mem::replace(&mut self.buf, next);
+        let written = Bytes::from(written);
+        let entries = frames
+            .into_iter()
+            .map(|(at, len, mut e)| {
+                e.payload = written.slice(at..at + len);
+                e
+            })
+            .collect();
+        cache.push(
+            CachedRun {
+                bytes: written.len(),
+                entries,
+            },
+            cap,
+        );
     }
 
     fn persist_start(&self, start: u64) -> Result<()> {

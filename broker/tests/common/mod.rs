@@ -15,11 +15,15 @@ pub fn policy(segment_bytes: u64) -> NamespacePolicy {
 }
 
 pub fn open(dir: &Path, policy: NamespacePolicy) -> Arc<Ledger> {
+    open_with(dir, policy, LedgerOptions::default())
+}
+
+pub fn open_with(dir: &Path, policy: NamespacePolicy, options: LedgerOptions) -> Arc<Ledger> {
     Ledger::open(
         "test",
         dir,
         policy,
-        LedgerOptions::default(),
+        options,
         Arc::new(Semaphore::new(1 << 20)),
     )
     .expect("ledger opens")
