@@ -94,6 +94,35 @@ struct Conn {
     tx: Option<mpsc::Sender<Box<Delivery>>>,
     feed_rx: Option<mpsc::Receiver<Box<Delivery>>>,
     will: Option<(MqttPublish, u32)>,
+    /// Publishes queued on their ledgers and not yet durable, oldest
+    /// first: each is answered (PUBACK / PUBREC) when it is durable, in the
+    /// order the PUBLISH packets came (MQTT 4.6).
+    acks: VecDeque<PendingPublish>,
+}
+
+/// A client's PUBLISH whose append is in flight.
+#[derive(Debug)]
+struct PendingPublish {
+    qos: u8,
+    pkid: u16,
+    append: broker::PendingAppend,
+}
+
+/// Most publishes of one connection in flight at once (QoS 1 and 2 are
+/// bounded by our Receive Maximum already; this bounds QoS 0).
+const MAX_PENDING_PUBLISHES: usize = 256;
+
+/// Waits for the oldest pending publish; it stays queued until then, so
+/// this is cancel-safe.
+async fn next_ack(
+    acks: &mut VecDeque<PendingPublish>,
+) -> (PendingPublish, Result<broker::Appended, BrokerError>) {
+    let r = match acks.front_mut() {
+        Some(p) => (&mut p.append).await,
+        None => std::future::pending().await,
+    };
+    let p = acks.pop_front().expect("the front was there");
+    (p, r)
 }
 
 impl Drop for Conn {
@@ -330,6 +359,7 @@ pub(crate) async fn run(
         tx: None,
         feed_rx: None,
         will,
+        acks: VecDeque::new(),
         shared: shared.clone(),
     };
     conn.session.record.expiry = expiry;
@@ -531,6 +561,11 @@ impl Conn {
                         }
                     }
                 }
+                (p, r) = next_ack(&mut self.acks), if !self.acks.is_empty() => {
+                    if let Some(e) = self.finish_publish(p.qos, p.pkid, r) {
+                        break 'outer e;
+                    }
+                }
                 t = new_topics.recv(), if listening => {
                     let topics = match t {
                         Ok(k) => vec![k],
@@ -670,7 +705,11 @@ impl Conn {
         }
         if p.qos == 2 {
             if self.session.qos2_in.contains(&p.pkid) {
-                self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+                // A resent PUBLISH: answered once its first copy is
+                // durable (if that is still pending), else at once.
+                if !self.acks.iter().any(|a| a.qos == 2 && a.pkid == p.pkid) {
+                    self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+                }
                 return None;
             }
             if self.session.qos2_in.len() >= usize::from(self.shared.config.receive_maximum) {
@@ -692,21 +731,92 @@ impl Conn {
             user_properties: p.properties.user,
         };
         if m.payload_format == Some(1) && std::str::from_utf8(&m.payload).is_err() {
+            if let Some(e) = self.drain_acks().await {
+                return Some(e);
+            }
             return self.publish_failed(p.qos, p.pkid, ReasonCode::PayloadFormatInvalid);
         }
-        if let Err(e) = self.shared.publish(&m).await {
-            tracing::warn!(error = %e, topic = %m.topic, "publish failed");
-            return self.publish_failed(p.qos, p.pkid, map::publish_error_reason(&e));
-        }
-        match p.qos {
-            1 => self.wbuf_packet(&Packet::PubAck(Ack::ok(p.pkid))),
-            2 => {
-                self.session.qos2_in.insert(p.pkid);
-                self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+        if m.retain {
+            // A retained publish also replaces the topic's retained
+            // message once stored: it is answered after everything before
+            // it, synchronously (retained publishes are not the hot path).
+            if let Some(e) = self.drain_acks().await {
+                return Some(e);
             }
-            _ => {}
+            let r = self.shared.publish(&m).await.map(|()| broker::Appended {
+                base_offset: 0,
+                count: 1,
+            });
+            if p.qos == 2 && r.is_ok() {
+                self.session.qos2_in.insert(p.pkid);
+            }
+            return self.finish_publish(p.qos, p.pkid, r);
+        }
+        // Pipelined: queue the append (in order on its ledger), read the
+        // next packet, answer when it is durable.
+        while self.acks.len() >= MAX_PENDING_PUBLISHES {
+            let (done, r) = next_ack(&mut self.acks).await;
+            if let Some(e) = self.finish_publish(done.qos, done.pkid, r) {
+                return Some(e);
+            }
+        }
+        match self.shared.submit_publish(&m).await {
+            Ok(append) => {
+                if p.qos == 2 {
+                    self.session.qos2_in.insert(p.pkid);
+                }
+                self.acks.push_back(PendingPublish {
+                    qos: p.qos,
+                    pkid: p.pkid,
+                    append,
+                });
+                None
+            }
+            Err(e) => {
+                if let Some(end) = self.drain_acks().await {
+                    return Some(end);
+                }
+                tracing::warn!(error = %e, topic = %m.topic, "publish failed");
+                self.publish_failed(p.qos, p.pkid, map::publish_error_reason(&e))
+            }
+        }
+    }
+
+    /// Answers every pending publish, oldest first.
+    async fn drain_acks(&mut self) -> Option<End> {
+        while !self.acks.is_empty() {
+            let (done, r) = next_ack(&mut self.acks).await;
+            if let Some(e) = self.finish_publish(done.qos, done.pkid, r) {
+                return Some(e);
+            }
         }
         None
+    }
+
+    /// Answers a client's publish once its append finished.
+    fn finish_publish(
+        &mut self,
+        qos: u8,
+        pkid: u16,
+        r: Result<broker::Appended, BrokerError>,
+    ) -> Option<End> {
+        match r {
+            Ok(_) => {
+                match qos {
+                    1 => self.wbuf_packet(&Packet::PubAck(Ack::ok(pkid))),
+                    2 => self.wbuf_packet(&Packet::PubRec(Ack::ok(pkid))),
+                    _ => {}
+                }
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publish failed");
+                if qos == 2 {
+                    self.session.qos2_in.remove(&pkid);
+                }
+                self.publish_failed(qos, pkid, map::publish_error_reason(&e))
+            }
+        }
     }
 
     fn publish_failed(&mut self, qos: u8, pkid: u16, rc: ReasonCode) -> Option<End> {

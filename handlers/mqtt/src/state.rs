@@ -267,10 +267,28 @@ impl Shared {
 
     /// Appends an MQTT publish to its topic (creating it), and records it
     /// as retained when asked. Completes once durable.
-    pub(crate) async fn publish(&self, p: &MqttPublish) -> Result<(), BrokerError> {
+    /// Queues a non-retained publish (see [`broker::Ledger::submit`]):
+    /// returns once it is queued on its topic's ledger, in order after
+    /// what this caller queued before, with the append to await for
+    /// durability.
+    pub(crate) async fn submit_publish(
+        &self,
+        p: &MqttPublish,
+    ) -> Result<broker::PendingAppend, BrokerError> {
+        debug_assert!(!p.retain);
         let now = now_ms();
         let msg = map::publish_to_message(p, now);
-        let name = map::broker_topic(&self.ns, &p.topic)?;
+        let ledger = self.publish_ledger(&p.topic).await?;
+        let pending = ledger.submit(single_entry(&msg, now)).await?;
+        metrics::counter!("manifold_mqtt_messages_published_total", "qos" => qos_label(p.qos))
+            .increment(1);
+        Ok(pending)
+    }
+
+    /// The ledger an MQTT topic is published to, creating the topic on
+    /// first use.
+    async fn publish_ledger(&self, topic: &str) -> Result<Arc<broker::Ledger>, BrokerError> {
+        let name = map::broker_topic(&self.ns, topic)?;
         let known = self
             .topics
             .read()
@@ -278,9 +296,15 @@ impl Shared {
             .contains_key(&name.topic);
         if !known {
             let meta = self.broker.ensure_topic(&name).await?;
-            self.add_topic(name.clone(), p.topic.as_str().into(), meta.partitions);
+            self.add_topic(name.clone(), topic.into(), meta.partitions);
         }
-        let ledger = self.broker.ledger(&name, 0)?;
+        self.broker.ledger(&name, 0)
+    }
+
+    pub(crate) async fn publish(&self, p: &MqttPublish) -> Result<(), BrokerError> {
+        let now = now_ms();
+        let msg = map::publish_to_message(p, now);
+        let ledger = self.publish_ledger(&p.topic).await?;
         append(&ledger, &msg, now).await?;
         metrics::counter!("manifold_mqtt_messages_published_total", "qos" => qos_label(p.qos))
             .increment(1);
@@ -537,17 +561,19 @@ pub(crate) fn qos_label(q: u8) -> &'static str {
     }
 }
 
-async fn append(ledger: &Ledger, msg: &Message, now: i64) -> Result<u64, BrokerError> {
+fn single_entry(msg: &Message, now: i64) -> AppendEntry {
     let payload: Bytes = encode_batch(std::slice::from_ref(msg));
-    let a = ledger
-        .append(AppendEntry {
-            format: EntryFormat::Messages,
-            count: 1,
-            first_timestamp: now,
-            max_timestamp: now,
-            payload,
-        })
-        .await?;
+    AppendEntry {
+        format: EntryFormat::Messages,
+        count: 1,
+        first_timestamp: now,
+        max_timestamp: now,
+        payload,
+    }
+}
+
+async fn append(ledger: &Ledger, msg: &Message, now: i64) -> Result<u64, BrokerError> {
+    let a = ledger.append(single_entry(msg, now)).await?;
     Ok(a.base_offset)
 }
 
