@@ -193,7 +193,10 @@ async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got
         topic: w.topic.clone(),
         data: base.with_records(Some(records.freeze())),
         bytes: n,
-        waiter: (n == 0).then(|| (ledger.clone(), offset)),
+        // Below min_bytes, the Fetch waits for anything appended after
+        // what this read saw, on every partition (data that arrives on a
+        // partition that already returned some counts too).
+        waiter: Some((ledger.clone(), end)),
     }
 }
 

@@ -3,14 +3,15 @@
 //!
 //! A group's committed offset on a partition is the mark-delete position of
 //! the partition's durable cursor `kafka.<group>` (see
-//! `mapping::kafka::group_cursor_name`): it survives restarts, holds back
-//! retention, and is the backlog the admin API shows. A commit is persisted
-//! to disk before it is acknowledged.
+//! `mapping::kafka::group_cursor_name`): it survives restarts and is the
+//! backlog the admin API shows, but does not hold back retention (as in
+//! Kafka, data expires by the topic's policy whether a group read it or
+//! not). A commit is persisted to disk before it is acknowledged.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use broker::InitialPosition;
+use broker::{CursorOptions, InitialPosition};
 use kafka_protocol::messages::delete_records_response::{
     DeleteRecordsPartitionResult, DeleteRecordsTopicResult,
 };
@@ -217,9 +218,14 @@ pub(crate) async fn offset_commit(
                     return Err(ErrorCode::InvalidCommitOffsetSize);
                 }
                 let c = l
-                    .open_cursor(
+                    .open_cursor_with(
                         &cursor_name,
                         InitialPosition::Offset(p.committed_offset as u64),
+                        // Committed offsets do not pin data: the topic's
+                        // retention applies, as in Kafka.
+                        CursorOptions {
+                            holds_retention: false,
+                        },
                     )
                     .await
                     .map_err(|e| ErrorCode::from_broker(&e))?;
