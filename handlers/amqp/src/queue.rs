@@ -835,6 +835,7 @@ impl Queue {
     pub(crate) async fn dead_letter(self: &Arc<Self>, items: Vec<Ready>, reason: &str) {
         if let (Some(dlx), Some(vhost)) = (self.args.dlx.as_deref(), self.vhost.upgrade()) {
             let now = (now_ms() / 1000).max(0) as u64;
+            let mut kept = Vec::new();
             for r in &items {
                 let Some(m) =
                     r.msg
@@ -848,8 +849,21 @@ impl Queue {
                 }
                 let routed = vhost.route(dlx, &m.routing_key, m.props.headers.as_ref());
                 if let Err(e) = append_to_queues(&routed.queues, &m).await {
-                    tracing::warn!(queue = %self.name, error = %e, "dead-lettering failed");
+                    // Not stored in its dead-letter queues: it is not
+                    // removed from this one either (it stays unacknowledged
+                    // and comes back after a restart).
+                    tracing::error!(queue = %self.name, error = %e, "dead-lettering failed; message kept");
+                    kept.push(r.offset);
                 }
+            }
+            if !kept.is_empty() {
+                for r in items {
+                    if !kept.contains(&r.offset) {
+                        self.cursor.ack(r.offset);
+                    }
+                }
+                metrics::counter!("manifold_amqp_dead_lettered_total").increment(1);
+                return;
             }
         }
         for r in items {

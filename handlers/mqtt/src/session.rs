@@ -363,6 +363,10 @@ pub(crate) async fn run(
         shared: shared.clone(),
     };
     conn.session.record.expiry = expiry;
+    // Online now: if the gateway crashes before this connection ends, the
+    // session's expiry counts from the restart (`load_sessions`), not from
+    // an earlier disconnect.
+    conn.session.record.disconnected_ms = 0;
     if expiry > 0 {
         if let Err(e) = Box::pin(shared.store_session(&client_id, &conn.session.record)).await {
             tracing::warn!(error = %e, "could not store session");

@@ -528,9 +528,11 @@ impl Shared {
                     old.abort();
                 }
             }
+            // A new connection took the session over before the will was
+            // scheduled: it is not sent (MQTT 5 3.1.3.2.2).
+            Some(_) => task.abort(),
             // No offline session to hang it on (clean session ended):
             // keep a slot just for the will.
-            Some(_) => {}
             None => {
                 s.insert(
                     client_id.clone(),
