@@ -111,6 +111,18 @@ def test_channel_close_requeues_unacked(gw, conn):
     assert b == b"x" and m.redelivered
 
 
+def pump(conn, got, want, quiet=0.7, timeout=5.0):
+    """Processes events until `got` has `want` items (or the timeout), then
+    for `quiet` seconds more, so that an over-delivery would show.
+    (pika's process_data_events(time_limit) returns after the first event.)"""
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    end = time.monotonic() + quiet
+    while time.monotonic() < end:
+        conn.process_data_events(time_limit=0.1)
+
+
 def test_prefetch_limits_unacked_deliveries(conn):
     ch = conn.channel()
     ch.confirm_delivery()
@@ -120,10 +132,10 @@ def test_prefetch_limits_unacked_deliveries(conn):
     ch.basic_qos(prefetch_count=3)
     got = []
     ch.basic_consume("pf", lambda c, m, p, b: got.append(m))
-    conn.process_data_events(time_limit=1.0)
+    pump(conn, got, 3)
     assert len(got) == 3
     ch.basic_ack(got[-1].delivery_tag, multiple=True)
-    conn.process_data_events(time_limit=1.0)
+    pump(conn, got, 6)
     assert len(got) == 6
 
 
@@ -136,10 +148,10 @@ def test_global_and_size_prefetch(conn):
     ch.basic_qos(prefetch_size=2500, prefetch_count=0, global_qos=True)
     got = []
     ch.basic_consume("pg", lambda c, m, p, b: got.append(m))
-    conn.process_data_events(time_limit=1.0)
+    pump(conn, got, 2)
     assert len(got) == 2  # 2 x 1000 bytes fit in 2500, a third would not
     ch.basic_ack(got[0].delivery_tag)
-    conn.process_data_events(time_limit=1.0)
+    pump(conn, got, 3)
     assert len(got) == 3
 
 
