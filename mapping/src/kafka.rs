@@ -427,11 +427,9 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: u64) {
     batch[..8].copy_from_slice(&(base_offset as i64).to_be_bytes());
 }
 
-/// Decodes the records of one batch (`bytes` is the whole batch).
-///
-/// # Errors
-/// What is malformed.
-pub fn decode_records(h: &BatchHeader, bytes: &Bytes) -> Result<Vec<Record>, String> {
+/// The (decompressed) records section of a batch and its record count,
+/// checked to be plausible for the section's size.
+fn records_data(h: &BatchHeader, bytes: &Bytes) -> Result<(Bytes, usize), String> {
     let body = bytes.slice(BATCH_HEADER_LEN..h.total_len().min(bytes.len()));
     let data = match h.compression()? {
         Compression::None => body,
@@ -442,6 +440,15 @@ pub fn decode_records(h: &BatchHeader, bytes: &Bytes) -> Result<Vec<Record>, Str
     if count > data.len() / 7 + 1 {
         return Err("record count exceeds the batch size".into());
     }
+    Ok((data, count))
+}
+
+/// Decodes the records of one batch (`bytes` is the whole batch).
+///
+/// # Errors
+/// What is malformed.
+pub fn decode_records(h: &BatchHeader, bytes: &Bytes) -> Result<Vec<Record>, String> {
+    let (data, count) = records_data(h, bytes)?;
     let mut r = Reader {
         data: &data,
         pos: 0,
@@ -494,15 +501,7 @@ pub fn decode_records(h: &BatchHeader, bytes: &Bytes) -> Result<Vec<Record>, Str
 /// would decode them and that their offset deltas are 0, 1, 2, ..., without
 /// building them (no allocation for an uncompressed batch).
 fn check_records(h: &BatchHeader, bytes: &Bytes) -> Result<(), String> {
-    let body = bytes.slice(BATCH_HEADER_LEN..h.total_len().min(bytes.len()));
-    let data = match h.compression()? {
-        Compression::None => body,
-        c => Bytes::from(decompress(c, &body, MAX_DECOMPRESSED_BYTES)?),
-    };
-    let count = h.records_count as usize;
-    if count > data.len() / 7 + 1 {
-        return Err("record count exceeds the batch size".into());
-    }
+    let (data, count) = records_data(h, bytes)?;
     let mut r = Reader {
         data: &data,
         pos: 0,
