@@ -643,7 +643,8 @@ impl Reader<'_> {
         Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
     }
 
-    fn nullable_slice(&mut self, end: usize) -> Result<Option<&[u8]>, String> {
+    /// Where the next nullable bytes field lies (`None`: null), moving past it.
+    fn nullable_range(&mut self, end: usize) -> Result<Option<std::ops::Range<usize>>, String> {
         let len = self.varint()?;
         if len < 0 {
             return Ok(None);
@@ -652,28 +653,22 @@ impl Reader<'_> {
         if self.pos + len > end || self.pos + len > self.data.len() {
             return Err("field length exceeds the record".into());
         }
-        let data: &Bytes = self.data;
-        let b = &data[self.pos..self.pos + len];
+        let r = self.pos..self.pos + len;
         self.pos += len;
-        Ok(Some(b))
+        Ok(Some(r))
+    }
+
+    fn nullable_slice(&mut self, end: usize) -> Result<Option<&[u8]>, String> {
+        let data: &Bytes = self.data;
+        Ok(self.nullable_range(end)?.map(|r| &data[r]))
     }
 
     fn skip_nullable_bytes(&mut self, end: usize) -> Result<(), String> {
-        self.nullable_slice(end).map(|_| ())
+        self.nullable_range(end).map(|_| ())
     }
 
     fn nullable_bytes(&mut self, end: usize) -> Result<Option<Bytes>, String> {
-        let len = self.varint()?;
-        if len < 0 {
-            return Ok(None);
-        }
-        let len = len as usize;
-        if self.pos + len > end || self.pos + len > self.data.len() {
-            return Err("field length exceeds the record".into());
-        }
-        let b = self.data.slice(self.pos..self.pos + len);
-        self.pos += len;
-        Ok(Some(b))
+        Ok(self.nullable_range(end)?.map(|r| self.data.slice(r)))
     }
 }
 
