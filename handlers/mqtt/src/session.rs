@@ -566,7 +566,7 @@ impl Conn {
                     }
                 }
                 (p, r) = next_ack(&mut self.acks), if !self.acks.is_empty() => {
-                    if let Some(e) = self.finish_publish(p.qos, p.pkid, r) {
+                    if let Some(e) = self.finish_publish(p.qos, p.pkid, r.map(drop)) {
                         break 'outer e;
                     }
                 }
@@ -747,10 +747,7 @@ impl Conn {
             if let Some(e) = self.drain_acks().await {
                 return Some(e);
             }
-            let r = self.shared.publish(&m).await.map(|()| broker::Appended {
-                base_offset: 0,
-                count: 1,
-            });
+            let r = self.shared.publish(&m).await;
             if p.qos == 2 && r.is_ok() {
                 self.session.qos2_in.insert(p.pkid);
             }
@@ -760,7 +757,7 @@ impl Conn {
         // next packet, answer when it is durable.
         while self.acks.len() >= MAX_PENDING_PUBLISHES {
             let (done, r) = next_ack(&mut self.acks).await;
-            if let Some(e) = self.finish_publish(done.qos, done.pkid, r) {
+            if let Some(e) = self.finish_publish(done.qos, done.pkid, r.map(drop)) {
                 return Some(e);
             }
         }
@@ -790,7 +787,7 @@ impl Conn {
     async fn drain_acks(&mut self) -> Option<End> {
         while !self.acks.is_empty() {
             let (done, r) = next_ack(&mut self.acks).await;
-            if let Some(e) = self.finish_publish(done.qos, done.pkid, r) {
+            if let Some(e) = self.finish_publish(done.qos, done.pkid, r.map(drop)) {
                 return Some(e);
             }
         }
@@ -798,14 +795,9 @@ impl Conn {
     }
 
     /// Answers a client's publish once its append finished.
-    fn finish_publish(
-        &mut self,
-        qos: u8,
-        pkid: u16,
-        r: Result<broker::Appended, BrokerError>,
-    ) -> Option<End> {
+    fn finish_publish(&mut self, qos: u8, pkid: u16, r: Result<(), BrokerError>) -> Option<End> {
         match r {
-            Ok(_) => {
+            Ok(()) => {
                 match qos {
                     1 => self.wbuf_packet(&Packet::PubAck(Ack::ok(pkid))),
                     2 => self.wbuf_packet(&Packet::PubRec(Ack::ok(pkid))),
