@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
 use crate::error::{BrokerError, Result};
-use crate::ledger::{write_atomic, Ledger, LedgerOptions};
+use crate::ledger::{write_atomic, CacheBudget, Ledger, LedgerOptions};
 use crate::message::now_ms;
 use crate::topic::{NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};
 
@@ -39,6 +39,9 @@ pub struct BrokerConfig {
     /// Bytes of the most recent entries each ledger keeps in memory for
     /// tailing readers (0: every read goes to the segment files).
     pub tail_cache_bytes: usize,
+    /// Bytes all the partitions' tail caches may hold together; a partition
+    /// whose commit does not fit is served from its segment files.
+    pub read_cache_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -52,6 +55,7 @@ impl Default for BrokerConfig {
             retention_check_interval_ms: 60_000,
             cursor_flush_interval_ms: 1_000,
             tail_cache_bytes: 1024 * 1024,
+            read_cache_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -143,6 +147,7 @@ pub struct Broker {
     meta_view: std::sync::RwLock<Metadata>,
     ledgers: LedgerMap,
     budget: Arc<Semaphore>,
+    cache_budget: Arc<CacheBudget>,
     shutdown: watch::Sender<bool>,
     topic_ids: AtomicU64,
 }
@@ -182,6 +187,7 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         let broker = Arc::new(Broker {
             budget: Arc::new(Semaphore::new(units as usize)),
+            cache_budget: CacheBudget::new(config.read_cache_bytes),
             meta_view: std::sync::RwLock::new(meta.clone()),
             meta: tokio::sync::Mutex::new(meta.clone()),
             ledgers: LedgerMap::default(),
@@ -215,6 +221,7 @@ impl Broker {
             budget_units: (self.config.memory_budget_bytes / 1024)
                 .clamp(1, u64::from(u32::MAX >> 3)) as u32,
             tail_cache_bytes: self.config.tail_cache_bytes,
+            cache_budget: self.cache_budget.clone(),
         }
     }
 
@@ -758,6 +765,11 @@ impl Broker {
     pub fn memory_budget(&self) -> (u64, u64) {
         let total = (self.config.memory_budget_bytes / 1024).clamp(1, u64::from(u32::MAX >> 3));
         (self.budget.available_permits() as u64 * 1024, total * 1024)
+    }
+
+    /// Bytes the partitions' tail caches hold now, and their shared limit.
+    pub fn read_cache(&self) -> (usize, usize) {
+        (self.cache_budget.used(), self.config.read_cache_bytes)
     }
 
     /// Is the broker still accepting work?

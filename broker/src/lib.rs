@@ -7,6 +7,7 @@
 //! ledgers, cursors and messages lives in the `mapping` crate.
 
 mod broker;
+pub mod checksum;
 mod error;
 pub mod ledger;
 pub mod message;
@@ -15,8 +16,8 @@ pub mod topic;
 pub use broker::{Broker, BrokerConfig, CursorStats, PartitionStats, TopicStats};
 pub use error::{BrokerError, Result};
 pub use ledger::{
-    AppendEntry, Appended, Backlog, Cursor, CursorOptions, Entry, InitialPosition, Ledger,
-    LedgerOptions, PendingAppend,
+    AppendEntry, Appended, Backlog, CacheBudget, Cursor, CursorOptions, Entry, InitialPosition,
+    Ledger, LedgerOptions, PendingAppend,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

@@ -491,3 +491,117 @@ async fn tail_cache_serves_exactly_what_was_appended() {
     assert_eq!(all.last().unwrap().end_offset(), end);
     l.close().await;
 }
+
+/// Drops the page cache of every file under `dir` (clean pages only, so
+/// the data must be durable first).
+fn drop_page_cache(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    for e in walk(dir) {
+        let f = std::fs::File::open(&e).unwrap();
+        // SAFETY: posix_fadvise touches no memory of ours: it takes a
+        // descriptor and a byte range.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "fadvise {}", e.display());
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_the_same_from_the_page_cache_and_from_the_disk() {
+    // A read first tries the page cache on the calling thread and falls
+    // back to a blocking read when the data is not cached; both must return
+    // exactly what was appended, including entries cut by `max_bytes`.
+    let dir = tempfile::tempdir().unwrap();
+    let no_cache = LedgerOptions {
+        tail_cache_bytes: 0,
+        ..LedgerOptions::default()
+    };
+    let l = open_with(dir.path(), policy(64 * 1024), no_cache);
+    let mut model = Vec::new();
+    for i in 0..300u32 {
+        let payload = vec![(i % 251) as u8; 10 + (i as usize * 97) % 3000];
+        let a = l
+            .append(entry(payload.clone(), 1 + i % 3, 0))
+            .await
+            .unwrap();
+        model.push((a.base_offset, a.count, payload));
+    }
+    assert!(l.stats().segments > 3);
+    let check = |got: &[broker::Entry], from: u64| {
+        assert!(!got.is_empty());
+        let first = model.partition_point(|(b, c, _)| b + u64::from(*c) <= from);
+        for (k, e) in got.iter().enumerate() {
+            let (b, c, p) = &model[first + k];
+            assert_eq!((e.base_offset, e.count), (*b, *c), "from {from}");
+            assert_eq!(e.payload.as_ref(), &p[..], "from {from}");
+        }
+    };
+    for pass in 0..2 {
+        for from in (0..l.end_offset()).step_by(7) {
+            if pass == 1 {
+                drop_page_cache(dir.path());
+            }
+            for max in [1usize, 5000, 1 << 20, 4 << 20] {
+                check(&l.read(from, max).await.unwrap(), from);
+            }
+        }
+    }
+    l.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_caches_of_many_ledgers_share_one_budget() {
+    // Four ledgers whose own caches could hold 64 KiB each share a 20 KiB
+    // budget: together they never hold more, every read is still exact, and
+    // closing the ledgers gives the budget back.
+    let budget = broker::CacheBudget::new(20 * 1024);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ledgers: Vec<_> = dirs
+        .iter()
+        .map(|d| {
+            open_with(
+                d.path(),
+                policy(1 << 20),
+                LedgerOptions {
+                    tail_cache_bytes: 64 * 1024,
+                    cache_budget: budget.clone(),
+                    ..LedgerOptions::default()
+                },
+            )
+        })
+        .collect();
+    let mut model = vec![Vec::new(); ledgers.len()];
+    for i in 0..200usize {
+        let k = i % ledgers.len();
+        let payload = vec![i as u8; 300 + i * 13 % 700];
+        let a = ledgers[k].append(entry(payload.clone(), 1, 0)).await.unwrap();
+        model[k].push((a.base_offset, payload));
+        assert!(budget.used() <= 20 * 1024, "used {}", budget.used());
+    }
+    assert!(budget.used() > 0, "some commits are cached");
+    for (l, m) in ledgers.iter().zip(&model) {
+        for (base, payload) in m {
+            let got = l.read(*base, 1).await.unwrap();
+            assert_eq!(got[0].base_offset, *base);
+            assert_eq!(got[0].payload.as_ref(), &payload[..]);
+        }
+    }
+    for l in ledgers {
+        l.close().await;
+        drop(l);
+    }
+    assert_eq!(budget.used(), 0, "closed ledgers give their cache back");
+}

@@ -383,7 +383,7 @@ pub fn split_and_validate(records: &Bytes) -> Result<Vec<ValidatedBatch>, (Error
             ));
         }
         let bytes = records.slice(pos..pos + total);
-        let crc = crc32c::crc32c(&bytes[CRC_START..]);
+        let crc = broker::checksum::crc32c(&bytes[CRC_START..]);
         if crc != h.crc {
             return Err((
                 ErrorCode::CorruptMessage,
@@ -796,7 +796,7 @@ pub fn messages_to_batch(base_offset: u64, messages: &[Message]) -> Bytes {
     b.put_i32(-1); // base sequence
     b.put_i32(messages.len() as i32);
     b.put_slice(&records);
-    let crc = crc32c::crc32c(&b[CRC_START..]);
+    let crc = broker::checksum::crc32c(&b[CRC_START..]);
     b[17..21].copy_from_slice(&crc.to_be_bytes());
     b.freeze()
 }
@@ -902,7 +902,7 @@ mod tests {
                 Compression::Zstd => 4,
             };
         out[21..23].copy_from_slice(&attrs.to_be_bytes());
-        let crc = crc32c::crc32c(&out[CRC_START..]);
+        let crc = broker::checksum::crc32c(&out[CRC_START..]);
         out[17..21].copy_from_slice(&crc.to_be_bytes());
         out.freeze()
     }

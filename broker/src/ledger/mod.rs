@@ -8,14 +8,18 @@
 //! and — under [`FsyncPolicy::Group`] — one `fdatasync`, then publishes the
 //! new end offset on a `watch` channel and completes the appends. Readers
 //! never take the writer's path: they look up a segment under a short read
-//! lock and read with positional I/O on a blocking thread, seeing only what
-//! the writer has published as durable.
+//! lock and read with positional I/O, seeing only what the writer has
+//! published as durable. A read is first tried on the calling thread against
+//! the page cache only (`RWF_NOWAIT`); one that would wait for the disk runs
+//! on a blocking thread instead.
 //!
 //! Tail cache: the writer keeps the most recent durable entries (up to
 //! [`LedgerOptions::tail_cache_bytes`]) in memory, as slices of the buffer
 //! it just wrote. A reader at the tail — every live subscriber, consumer
 //! or queue — is served from it without a blocking-pool hop or a `pread`;
-//! only readers further behind go to the segment files.
+//! only readers further behind go to the segment files. All the ledgers of
+//! a broker share one [`CacheBudget`]: a run that does not fit in it is not
+//! cached, so the caches of many partitions stay within one bound.
 
 mod cursor;
 mod segment;
@@ -26,7 +30,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,7 +44,7 @@ use crate::error::{BrokerError, Result};
 use crate::message::EntryFormat;
 use crate::topic::{FsyncPolicy, NamespacePolicy};
 use cursor::CursorSnapshot;
-use segment::{IndexPoint, Segment};
+use segment::{IndexPoint, ReadMode, Segment};
 
 /// Settings of one ledger that do not come from its namespace policy.
 #[derive(Debug, Clone)]
@@ -57,6 +61,8 @@ pub struct LedgerOptions {
     /// Most bytes of recent entries kept in memory for tailing readers (0
     /// disables the cache). A group commit larger than this is not cached.
     pub tail_cache_bytes: usize,
+    /// The budget the tail caches of many ledgers share.
+    pub cache_budget: Arc<CacheBudget>,
 }
 
 impl Default for LedgerOptions {
@@ -67,7 +73,49 @@ impl Default for LedgerOptions {
             max_batch_bytes: 8 * 1024 * 1024,
             budget_units: 256 * 1024,
             tail_cache_bytes: 1024 * 1024,
+            cache_budget: CacheBudget::new(usize::MAX),
         }
+    }
+}
+
+/// Bytes that the tail caches of many ledgers may hold together.
+///
+/// A ledger takes from it before caching a group commit and gives back
+/// what it evicts; when the budget is spent, new commits are simply not
+/// cached and their readers go to the segment files (normally still in the
+/// page cache).
+#[derive(Debug)]
+pub struct CacheBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl CacheBudget {
+    /// A budget of `limit` bytes.
+    #[must_use]
+    pub fn new(limit: usize) -> Arc<CacheBudget> {
+        Arc::new(CacheBudget {
+            limit,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes taken now.
+    #[must_use]
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(n).filter(|&t| t <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -82,13 +130,43 @@ struct CachedRun {
 /// The most recent durable entries, contiguous in offsets: runs are added
 /// at the back by the writer (before it publishes the new end offset) and
 /// dropped whole from the front.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TailCache {
     runs: std::collections::VecDeque<CachedRun>,
     bytes: usize,
+    budget: Arc<CacheBudget>,
+}
+
+impl Drop for TailCache {
+    fn drop(&mut self) {
+        self.clear();
+    }
 }
 
 impl TailCache {
+    fn new(budget: Arc<CacheBudget>) -> TailCache {
+        TailCache {
+            runs: std::collections::VecDeque::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn pop_front(&mut self) -> bool {
+        match self.runs.pop_front() {
+            Some(r) => {
+                self.bytes -= r.bytes;
+                self.budget.give(r.bytes);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn clear(&mut self) {
+        while self.pop_front() {}
+    }
+
     /// First offset the cache holds, if any.
     fn first_offset(&self) -> Option<u64> {
         self.runs
@@ -97,18 +175,22 @@ impl TailCache {
             .map(|e| e.base_offset)
     }
 
-    fn push(&mut self, run: CachedRun, cap: usize) {
+    /// Adds `run` after evicting the oldest runs to stay within `cap` and
+    /// the shared budget. Returns false (and leaves the cache empty, so that
+    /// what it holds stays contiguous) if the budget has no room for it.
+    fn push(&mut self, run: CachedRun, cap: usize) -> bool {
         if run.entries.is_empty() {
-            return;
+            return true;
         }
-        while self.bytes + run.bytes > cap {
-            match self.runs.pop_front() {
-                Some(r) => self.bytes -= r.bytes,
-                None => break,
+        while self.bytes + run.bytes > cap && self.pop_front() {}
+        while !self.budget.try_take(run.bytes) {
+            if !self.pop_front() {
+                return false;
             }
         }
         self.bytes += run.bytes;
         self.runs.push_back(run);
+        true
     }
 
     /// Entries from the one containing `from` up to about `max_bytes`
@@ -256,6 +338,11 @@ pub struct Ledger {
     /// Recent durable entries for tailing readers.
     tail: RwLock<TailCache>,
 }
+
+/// Largest read tried on the calling (async) thread from the page cache
+/// before falling back to the blocking pool: copying and checking this much
+/// takes a fraction of a millisecond.
+const INLINE_READ_MAX: usize = 1 << 20;
 
 const CURSORS_FILE: &str = "cursors.json";
 const LEDGER_META_FILE: &str = "ledger.json";
@@ -417,6 +504,7 @@ impl Ledger {
         let start = meta.start_offset.max(first_base).min(end);
 
         let (tx, rx) = mpsc::channel(options.queue_depth.max(1));
+        let tail = RwLock::new(TailCache::new(options.cache_budget.clone()));
         let (end_tx, _) = watch::channel(end);
         let cursors = load_cursors(&dir.join(CURSORS_FILE))?;
         let ledger = Arc::new(Ledger {
@@ -439,7 +527,7 @@ impl Ledger {
             closed: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             read_buf: Mutex::new(None),
-            tail: RwLock::new(TailCache::default()),
+            tail,
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -557,15 +645,38 @@ impl Ledger {
                 return Ok(entries);
             }
         }
+        // Data in the page cache is read right here: a hop to the blocking
+        // pool and back costs about as much as copying and checking a
+        // megabyte. Only a read that would wait for the disk goes there.
+        if max_bytes <= INLINE_READ_MAX {
+            match self.read_segments(from, end, max_bytes, ReadMode::CachedOnly) {
+                Ok(entries) => {
+                    metrics::counter!("manifold_ledger_reads_total").increment(1);
+                    return Ok(entries);
+                }
+                Err(BrokerError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
         let this = self.clone();
-        let entries = tokio::task::spawn_blocking(move || this.read_blocking(from, end, max_bytes))
-            .await
-            .map_err(|_| BrokerError::Closed)??;
+        let entries = tokio::task::spawn_blocking(move || {
+            this.read_segments(from, end, max_bytes, ReadMode::Blocking)
+        })
+        .await
+        .map_err(|_| BrokerError::Closed)??;
         metrics::counter!("manifold_ledger_reads_total").increment(1);
+        metrics::counter!("manifold_ledger_disk_reads_total").increment(1);
         Ok(entries)
     }
 
-    fn read_blocking(&self, from: u64, end: u64, max_bytes: usize) -> Result<Vec<Entry>> {
+    fn read_segments(
+        &self,
+        from: u64,
+        end: u64,
+        max_bytes: usize,
+        mode: ReadMode,
+    ) -> Result<Vec<Entry>> {
         let segs: Vec<Arc<Segment>> = {
             let map = self.segments.read().unwrap_or_else(|e| e.into_inner());
             let first = map.range(..=from).next_back().map(|(&b, _)| b).unwrap_or(0);
@@ -585,19 +696,19 @@ impl Ledger {
             }
             // Find the entry containing `offset`, starting at the index floor.
             let mut pos = seg.floor_pos(offset);
-            while let Some(h) = seg.header_at(pos, limit)? {
+            while let Some(h) = seg.header_at(pos, limit, mode)? {
                 if h.base_offset + u64::from(h.count) > offset {
                     break;
                 }
                 pos += h.frame_size();
             }
             let read = seg.read_entries(
-                pos,
-                limit,
+                pos..limit,
                 budget,
                 self.options.max_entry_bytes,
                 &mut out,
                 &self.read_buf,
+                mode,
             )?;
             budget = budget.saturating_sub(read);
             if let Some(last) = out.last() {
@@ -664,7 +775,7 @@ impl Ledger {
             }
             let limit = seg.size();
             let mut pos = seg.time_floor_pos(ts);
-            while let Some(h) = seg.header_at(pos, limit)? {
+            while let Some(h) = seg.header_at(pos, limit, ReadMode::Blocking)? {
                 if h.max_timestamp >= ts && h.base_offset + u64::from(h.count) > start {
                     return Ok(Some(h.base_offset.max(start)));
                 }
@@ -753,6 +864,8 @@ impl Ledger {
         if self.tx.send(Command::Close { reply }).await.is_ok() {
             let _ = rx.await;
         }
+        // The writer has stopped: give the cache's share of the budget back.
+        self.tail.write().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     /// Closes the ledger and removes its directory.
@@ -1357,8 +1470,7 @@ impl Writer {
         if self.buf.len() > cap {
             // Too large to cache: what is cached would no longer be
             // contiguous with the next run.
-            cache.runs.clear();
-            cache.bytes = 0;
+            cache.clear();
             return;
         }
         let next = Vec::with_capacity(self.buf.len());
@@ -1371,13 +1483,17 @@ impl Writer {
                 e
             })
             .collect();
-        cache.push(
+        let cached = cache.push(
             CachedRun {
                 bytes: written.len(),
                 entries,
             },
             cap,
         );
+        if !cached {
+            metrics::counter!("manifold_ledger_cache_full_total").increment(1);
+        }
+        metrics::gauge!("manifold_ledger_cache_bytes").set(cache.budget.used() as f64);
     }
 
     fn persist_start(&self, start: u64) -> Result<()> {

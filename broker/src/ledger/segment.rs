@@ -85,40 +85,125 @@ fn take_buffer(recycle: &std::sync::Mutex<Option<Bytes>>, len: usize) -> BytesMu
     BytesMut::with_capacity(len)
 }
 
-/// Appends exactly `len` bytes read from `file` at `pos` to `buf`, reading
-/// straight into its spare capacity instead of zero-filling it first (the
-/// zero fill costs about a fifth of a page-cache read).
+/// How a read may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadMode {
+    /// An ordinary read (on a blocking-pool thread).
+    Blocking,
+    /// Only what the page cache already holds (`preadv2` with
+    /// `RWF_NOWAIT`): anything else fails with `WouldBlock` instead of
+    /// waiting, so the read may run on an async worker thread.
+    CachedOnly,
+}
+
+/// One `pread` of up to `len` bytes into `dst`; returns how many bytes it
+/// wrote (0 at the end of the file).
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes.
+#[allow(unsafe_code)]
+unsafe fn pread_raw(
+    file: &File,
+    dst: *mut u8,
+    len: usize,
+    pos: u64,
+    mode: ReadMode,
+) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let offset = libc::off_t::try_from(pos)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+    loop {
+        let n = match mode {
+            // SAFETY: the caller guarantees `dst` is valid for `len` bytes;
+            // pread(2) only writes into it.
+            ReadMode::Blocking => unsafe { libc::pread(file.as_raw_fd(), dst.cast(), len, offset) },
+            ReadMode::CachedOnly => {
+                let iov = libc::iovec {
+                    iov_base: dst.cast(),
+                    iov_len: len,
+                };
+                // SAFETY: as above, through one iovec that describes `dst`.
+                unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) }
+            }
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => {}
+            // Not cached, or a kernel or file system without RWF_NOWAIT: the
+            // caller falls back to a blocking read.
+            Some(libc::EAGAIN | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+                if mode == ReadMode::CachedOnly =>
+            {
+                return Err(io::ErrorKind::WouldBlock.into())
+            }
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Fills `dst` from `file` at `pos`.
 ///
 /// # Errors
-/// I/O errors, and `UnexpectedEof` if the file ends before `len` bytes.
+/// I/O errors, `UnexpectedEof` if the file ends first, and `WouldBlock`
+/// under [`ReadMode::CachedOnly`] when the bytes are not cached.
 #[allow(unsafe_code)]
-fn read_into_spare(file: &File, pos: u64, len: usize, buf: &mut BytesMut) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    buf.reserve(len);
+fn read_exact_at(file: &File, dst: &mut [u8], pos: u64, mode: ReadMode) -> io::Result<()> {
     let mut done = 0usize;
-    while done < len {
-        let spare = buf.spare_capacity_mut();
-        let want = (len - done).min(spare.len());
-        let offset = libc::off_t::try_from(pos + done as u64)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
-        // SAFETY: `spare` is the uninitialised tail of `buf`'s allocation and
-        // is valid for writes of `spare.len() >= want` bytes; pread(2) only
-        // writes into it (never reads) and returns how many bytes it wrote.
-        let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), want, offset) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
+    while done < dst.len() {
+        let rest = &mut dst[done..];
+        // SAFETY: `rest` is a live, writable slice of `rest.len()` bytes.
+        let n = unsafe { pread_raw(file, rest.as_mut_ptr(), rest.len(), pos + done as u64, mode)? };
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "segment shorter than expected",
             ));
         }
-        let n = n as usize;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Appends exactly `len` bytes read from `file` at `pos` to `buf`, reading
+/// straight into its spare capacity instead of zero-filling it first (the
+/// zero fill costs about a fifth of a page-cache read).
+///
+/// # Errors
+/// As [`read_exact_at`].
+#[allow(unsafe_code)]
+fn read_into_spare(
+    file: &File,
+    pos: u64,
+    len: usize,
+    buf: &mut BytesMut,
+    mode: ReadMode,
+) -> io::Result<()> {
+    buf.reserve(len);
+    let mut done = 0usize;
+    while done < len {
+        let spare = buf.spare_capacity_mut();
+        let want = (len - done).min(spare.len());
+        // SAFETY: `spare` is the uninitialised tail of `buf`'s allocation and
+        // is valid for writes of `spare.len() >= want` bytes; pread only
+        // writes into it.
+        let n = unsafe {
+            pread_raw(
+                file,
+                spare.as_mut_ptr().cast(),
+                want,
+                pos + done as u64,
+                mode,
+            )?
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "segment shorter than expected",
+            ));
+        }
         // SAFETY: pread initialised exactly the first `n <= want` bytes of
         // the spare capacity.
         unsafe { buf.set_len(buf.len() + n) };
@@ -166,7 +251,7 @@ pub(crate) fn encode_frame(
     buf.extend_from_slice(&first_timestamp.to_le_bytes());
     buf.extend_from_slice(&max_timestamp.to_le_bytes());
     buf.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&buf[body..]);
+    let crc = crate::checksum::crc32c(&buf[body..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
@@ -209,7 +294,7 @@ pub(crate) fn parse_frame(
         return Err(FrameError::Short);
     }
     let body = &buf[FRAME_PREFIX..end];
-    if crc32c::crc32c(body) != le_u32(&buf[4..8]) {
+    if crate::checksum::crc32c(body) != le_u32(&buf[4..8]) {
         return Err(FrameError::Bad("checksum mismatch"));
     }
     let h = FrameHeader {
@@ -433,14 +518,17 @@ impl Segment {
     }
 
     /// Reads the frame header at `pos`, or `None` at the visible end.
-    pub(crate) fn header_at(&self, pos: u64, limit: u64) -> Result<Option<FrameHeader>> {
+    pub(crate) fn header_at(
+        &self,
+        pos: u64,
+        limit: u64,
+        mode: ReadMode,
+    ) -> Result<Option<FrameHeader>> {
         if pos + (FRAME_PREFIX + BODY_HEADER) as u64 > limit {
             return Ok(None);
         }
         let mut b = [0u8; FRAME_PREFIX + BODY_HEADER];
-        self.file
-            .read_exact_at(&mut b, pos)
-            .map_err(|e| BrokerError::io(&self.path, e))?;
+        read_exact_at(&self.file, &mut b, pos, mode).map_err(|e| BrokerError::io(&self.path, e))?;
         let len = le_u32(&b[0..4]);
         let body = &b[FRAME_PREFIX..];
         Ok(Some(FrameHeader {
@@ -453,24 +541,25 @@ impl Segment {
         }))
     }
 
-    /// Reads whole entries starting at file position `pos` until at least
-    /// `max_bytes` are collected (always at least one entry), without
-    /// passing `limit`. Every entry's checksum is verified.
+    /// Reads whole entries of the file range `span` from its start until at
+    /// least `max_bytes` are collected (always at least one entry), without
+    /// passing its end. Every entry's checksum is verified.
     pub(crate) fn read_entries(
         &self,
-        pos: u64,
-        limit: u64,
+        span: std::ops::Range<u64>,
         max_bytes: usize,
         max_entry: usize,
         out: &mut Vec<Entry>,
         recycle: &std::sync::Mutex<Option<Bytes>>,
+        mode: ReadMode,
     ) -> Result<usize> {
+        let (pos, limit) = (span.start, span.end);
         if pos >= limit {
             return Ok(0);
         }
         let want = ((limit - pos) as usize).min(max_bytes.max(ENTRY_OVERHEAD));
         let mut buf = take_buffer(recycle, want);
-        read_into_spare(&self.file, pos, want, &mut buf)
+        read_into_spare(&self.file, pos, want, &mut buf, mode)
             .map_err(|e| BrokerError::io(&self.path, e))?;
         // The first entry may be larger than `max_bytes`: read it whole.
         if buf.len() >= FRAME_PREFIX {
@@ -480,7 +569,7 @@ impl Segment {
                 && first <= max_entry + ENTRY_OVERHEAD
             {
                 buf = BytesMut::new();
-                read_into_spare(&self.file, pos, first, &mut buf)
+                read_into_spare(&self.file, pos, first, &mut buf, mode)
                     .map_err(|e| BrokerError::io(&self.path, e))?;
             }
         }
