@@ -18,7 +18,7 @@ use bytes::BytesMut;
 use handler_api::{AsyncStream, CancellationToken, HandlerError};
 use mapping::mqtt::{self as map, MqttPublish, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -93,7 +93,8 @@ struct Conn {
     /// The feeds' channel, made when the first feed starts.
     tx: Option<mpsc::Sender<Box<Delivery>>>,
     feed_rx: Option<mpsc::Receiver<Box<Delivery>>>,
-    will: Option<(MqttPublish, u32)>,
+    /// The will and its delay (boxed: most connections have none).
+    will: Option<Box<(MqttPublish, u32)>>,
     /// Publishes queued on their ledgers and not yet durable, oldest
     /// first: each is answered (PUBACK / PUBREC) when it is durable, in the
     /// order the PUBLISH packets came (MQTT 4.6).
@@ -160,6 +161,23 @@ fn connack(code: ReasonCode, v: Version) -> Packet {
     })
 }
 
+/// What the CONNECT exchange leaves for the rest of the connection.
+struct Started {
+    conn: Box<Conn>,
+    rbuf: BytesMut,
+    new_topics: broadcast::Receiver<Arc<KnownTopic>>,
+    keep_alive: u16,
+    kick: CancellationToken,
+    /// Cancelled when this connection has released its session.
+    gone: CancellationToken,
+}
+
+/// Moves `b`'s value out and frees its allocation now (a `*b` move frees
+/// it only at the end of the enclosing scope).
+fn unbox<T>(b: Box<T>) -> T {
+    *b
+}
+
 /// Serves one MQTT connection over `io` until it ends.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -167,6 +185,45 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), HandlerError> {
     let (mut rd, mut wr) = tokio::io::split(io);
+    // The CONNECT exchange is a boxed function of its own so that its
+    // state (the decoded CONNECT, the will, the properties) is freed before
+    // the connection settles: an idle connection holds only `serve`'s state.
+    let Some(started) = Box::pin(handshake(shared, &mut rd, &mut wr, &shutdown)).await? else {
+        return Ok(());
+    };
+    let Started {
+        mut conn,
+        rbuf,
+        new_topics,
+        keep_alive,
+        kick,
+        gone,
+    } = unbox(started);
+    let end = conn
+        .serve(
+            &mut rd, &mut wr, rbuf, new_topics, keep_alive, &shutdown, &kick,
+        )
+        .await;
+    let end = match end {
+        Ok(e) => e,
+        Err(e) => {
+            Box::pin(unbox(conn).release(End::WithWill, gone)).await;
+            return if io_benign(&e) { Ok(()) } else { Err(e.into()) };
+        }
+    };
+    let _ = wr.shutdown().await;
+    Box::pin(unbox(conn).release(end, gone)).await;
+    Ok(())
+}
+
+/// Reads and answers CONNECT and takes the client's session over; `None`
+/// when the connection ended (or was refused) on the way.
+async fn handshake(
+    shared: Arc<Shared>,
+    rd: &mut ReadHalf<Io>,
+    wr: &mut WriteHalf<Io>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Box<Started>>, HandlerError> {
     let mut rbuf = BytesMut::with_capacity(256);
     let max = shared.config.max_packet_size as usize;
     let deadline = Instant::now() + Duration::from_millis(shared.config.connect_timeout_ms);
@@ -176,31 +233,31 @@ pub(crate) async fn run(
             Ok(Some(Packet::Connect(c))) => break c,
             Ok(Some(_)) => {
                 tracing::debug!("first packet is not CONNECT; closing");
-                return Ok(());
+                return Ok(None);
             }
             Ok(None) => {}
             Err(DecodeError::UnsupportedLevel(l)) => {
                 tracing::debug!(level = l, "unsupported protocol level");
                 // Return code 1 in the 3.1.1 format, understood by all.
                 let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 tracing::debug!(error = %e, "bad CONNECT; closing");
-                return Ok(());
+                return Ok(None);
             }
         }
         let n = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep_until(deadline) => return Ok(None),
             r = rd.read_buf(&mut rbuf) => match r {
                 Ok(n) => n,
-                Err(e) if io_benign(&e) => return Ok(()),
+                Err(e) if io_benign(&e) => return Ok(None),
                 Err(e) => return Err(e.into()),
             },
         };
         if n == 0 {
-            return Ok(());
+            return Ok(None);
         }
     };
     let v = connect.version;
@@ -217,19 +274,14 @@ pub(crate) async fn run(
     } = *connect;
     // ---- validate ----
     if properties.auth_method.is_some() {
-        let _ = write_packet(&mut wr, &connack(ReasonCode::BadAuthenticationMethod, v), v).await;
-        return Ok(());
+        let _ = write_packet(wr, &connack(ReasonCode::BadAuthenticationMethod, v), v).await;
+        return Ok(None);
     }
     let mut assigned = None;
     let client_id: Arc<str> = if client_id.is_empty() {
         if v != Version::V5 && !clean_start {
-            let _ = write_packet(
-                &mut wr,
-                &connack(ReasonCode::ClientIdentifierNotValid, v),
-                v,
-            )
-            .await;
-            return Ok(());
+            let _ = write_packet(wr, &connack(ReasonCode::ClientIdentifierNotValid, v), v).await;
+            return Ok(None);
         }
         let id = format!(
             "auto-{:016x}{:08x}",
@@ -244,19 +296,14 @@ pub(crate) async fn run(
         client_id.into()
     };
     if client_id.len() > shared.config.max_client_id_len {
-        let _ = write_packet(
-            &mut wr,
-            &connack(ReasonCode::ClientIdentifierNotValid, v),
-            v,
-        )
-        .await;
-        return Ok(());
+        let _ = write_packet(wr, &connack(ReasonCode::ClientIdentifierNotValid, v), v).await;
+        return Ok(None);
     }
     let will = match will {
         Some(w) => {
             if map::validate_topic_name(&w.topic).is_err() {
-                let _ = write_packet(&mut wr, &connack(ReasonCode::TopicNameInvalid, v), v).await;
-                return Ok(());
+                let _ = write_packet(wr, &connack(ReasonCode::TopicNameInvalid, v), v).await;
+                return Ok(None);
             }
             let delay = w.properties.will_delay.unwrap_or(0);
             let p = MqttPublish {
@@ -272,7 +319,7 @@ pub(crate) async fn run(
                 correlation_data: w.properties.correlation_data,
                 user_properties: w.properties.user,
             };
-            Some((p, delay))
+            Some(Box::new((p, delay)))
         }
         None => None,
     };
@@ -291,8 +338,10 @@ pub(crate) async fn run(
     let conn_id = shared
         .conn_ids
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let kick = CancellationToken::new();
-    let (gone_tx, gone_rx) = watch::channel(());
+    // A child of `shutdown`, so that the idle loop waits on one token for
+    // both a takeover and a shutdown.
+    let kick = shutdown.child_token();
+    let gone = CancellationToken::new();
     let mut prev: Option<Session> = None;
     for attempt in 0..3 {
         let wait = {
@@ -311,7 +360,7 @@ pub(crate) async fn run(
                     slot.online = Some(Online {
                         conn_id,
                         kick: kick.clone(),
-                        gone: gone_rx.clone(),
+                        gone: gone.clone(),
                     });
                     slot.expires_at_ms = None;
                     None
@@ -320,8 +369,8 @@ pub(crate) async fn run(
         };
         match wait {
             None => break,
-            Some(mut g) => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), g.changed()).await;
+            Some(g) => {
+                let _ = tokio::time::timeout(Duration::from_secs(5), g.cancelled()).await;
             }
         }
     }
@@ -334,7 +383,7 @@ pub(crate) async fn run(
     } else {
         prev.unwrap_or_default()
     };
-    let mut conn = Conn {
+    let mut conn = Box::new(Conn {
         v,
         client_id: client_id.clone(),
         conn_id,
@@ -361,7 +410,7 @@ pub(crate) async fn run(
         will,
         acks: VecDeque::new(),
         shared: shared.clone(),
-    };
+    });
     conn.session.record.expiry = expiry;
     // Online now: if the gateway crashes before this connection ends, the
     // session's expiry counts from the restart (`load_sessions`), not from
@@ -370,9 +419,9 @@ pub(crate) async fn run(
     if expiry > 0 {
         if let Err(e) = Box::pin(shared.store_session(&client_id, &conn.session.record)).await {
             tracing::warn!(error = %e, "could not store session");
-            let _ = write_packet(&mut wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
-            Box::pin(conn.release(End::Normal, gone_tx)).await;
-            return Ok(());
+            let _ = write_packet(wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
+            Box::pin(unbox(conn).release(End::Normal, gone)).await;
+            return Ok(None);
         }
     }
     // ---- CONNACK ----
@@ -422,21 +471,14 @@ pub(crate) async fn run(
             }
         }
     }
-    let end = conn
-        .serve(
-            &mut rd, &mut wr, rbuf, new_topics, keep_alive, &shutdown, &kick,
-        )
-        .await;
-    let end = match end {
-        Ok(e) => e,
-        Err(e) => {
-            Box::pin(conn.release(End::WithWill, gone_tx)).await;
-            return if io_benign(&e) { Ok(()) } else { Err(e.into()) };
-        }
-    };
-    let _ = wr.shutdown().await;
-    Box::pin(conn.release(end, gone_tx)).await;
-    Ok(())
+    Ok(Some(Box::new(Started {
+        conn,
+        rbuf,
+        new_topics,
+        keep_alive,
+        kick,
+        gone,
+    })))
 }
 
 impl Conn {
@@ -488,17 +530,20 @@ impl Conn {
             );
             let room = self.inflight.len() < self.window && self.pending.is_empty();
             let groups = self.groups.clone();
+            let pull = (room && !groups.is_empty()).then(|| Box::pin(pull_any(&groups)));
+            let pulling = pull.is_some();
             // The feeds' receiver is polled from a local (the branches
             // below need `self`); it goes back after the select.
             let mut rx = self.feed_rx.take();
             let listening = !self.session.record.subs.is_empty();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    self.disconnect(ReasonCode::ServerShuttingDown);
-                    break End::Shutdown;
-                }
+                // `kick` is a child of `shutdown`: cancelled by either.
                 _ = kick.cancelled() => {
+                    if shutdown.is_cancelled() {
+                        self.disconnect(ReasonCode::ServerShuttingDown);
+                        break End::Shutdown;
+                    }
                     self.disconnect(ReasonCode::SessionTakenOver);
                     break End::TakenOver;
                 }
@@ -556,7 +601,10 @@ impl Conn {
                         }
                     }
                 }
-                (g, d) = pull_any(&groups), if room && !groups.is_empty() => {
+                // Boxed, and only made for a member of a shared
+                // subscription: the others do not carry its state.
+                (g, d) = async { pull.expect("enabled only with groups").await },
+                    if pulling => {
                     self.deliver_shared(&g, d);
                     while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
                         match g.try_pull() {
@@ -1248,7 +1296,7 @@ impl Conn {
     }
 
     /// Gives the session back (or ends it), publishes the will when due.
-    async fn release(mut self, end: End, gone: watch::Sender<()>) {
+    async fn release(mut self, end: End, gone: CancellationToken) {
         for f in self.feeds.values() {
             f.abort();
         }
@@ -1312,9 +1360,10 @@ impl Conn {
                 }
             }
         }
-        drop(gone);
+        gone.cancel();
         if matches!(end, End::WithWill | End::TakenOver) {
-            if let Some((w, delay)) = self.will.take() {
+            if let Some(b) = self.will.take() {
+                let (w, delay) = *b;
                 let delay = if persistent {
                     delay.min(self.expiry)
                 } else {

@@ -17,7 +17,7 @@ use handler_api::{CancellationToken, HandlerContext, HandlerError};
 use mapping::mqtt::{self as map, MqttPublish};
 use mapping::names::NamespaceMapping;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use crate::MqttConfig;
@@ -87,7 +87,8 @@ pub(crate) struct Online {
     pub(crate) conn_id: u64,
     pub(crate) kick: CancellationToken,
     /// Closed when the connection has put the session back.
-    pub(crate) gone: watch::Receiver<()>,
+    /// Cancelled when the connection has released the session.
+    pub(crate) gone: CancellationToken,
 }
 
 #[derive(Debug, Default)]
