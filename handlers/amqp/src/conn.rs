@@ -78,6 +78,7 @@ struct Unacked {
     consumer: Option<Arc<Consumer>>,
 }
 
+#[derive(Clone, Copy)]
 enum Settle {
     Ack,
     Requeue,
@@ -103,9 +104,22 @@ struct Channel {
     next_seq: u64,
     tx: bool,
     tx_publishes: Vec<TxPublish>,
-    tx_settles: Vec<(u64, bool, Settle)>,
+    /// Settlements of the open transaction. Their deliveries have left
+    /// `unacked` (a tag cannot be settled twice, basic.recover does not
+    /// requeue them); rollback puts them back, commit applies them.
+    tx_settles: Vec<(Settle, Vec<(u64, Unacked)>)>,
     pipeline: Option<mpsc::Sender<PubItem>>,
     last_queue: String,
+}
+
+impl Channel {
+    /// Puts the deliveries settled in the open transaction back among the
+    /// unacknowledged ones (tx.rollback, or the channel going away).
+    fn restore_tx_settles(&mut self) {
+        for (_, items) in std::mem::take(&mut self.tx_settles) {
+            self.unacked.extend(items);
+        }
+    }
 }
 
 struct Conn {
@@ -932,6 +946,8 @@ impl Conn {
     /// Releases what a channel holds: consumers (auto-delete may follow)
     /// and unacknowledged messages (requeued).
     async fn release_channel(&mut self, ch_id: u16, ch: &mut Channel) {
+        // Settlements of an uncommitted transaction are void.
+        ch.restore_tx_settles();
         let mut auto_delete = Vec::new();
         for (tag, (_, q)) in ch.consumers.drain() {
             if q.remove_consumer(self.id, ch_id, &tag) {
@@ -1232,11 +1248,13 @@ impl Conn {
                 self.settle(ch, m.delivery_tag, false, s).await
             }
             Method::BasicRecover(_) | Method::BasicRecoverAsync(_) => {
+                // Not transactional (as in RabbitMQ): requeues at once
+                // every delivery that is still unacknowledged, which
+                // excludes those settled in an open transaction.
                 let is_sync = matches!(m, Method::BasicRecover(_));
-                let tags: Vec<u64> = self.ch(ch).unacked.keys().copied().collect();
-                if let Some(&last) = tags.last() {
-                    self.settle(ch, last, true, Settle::Requeue).await?;
-                }
+                let items = std::mem::take(&mut self.ch(ch).unacked);
+                self.apply_settle(ch, items.into_values().collect(), Settle::Requeue)
+                    .await;
                 if is_sync {
                     self.send(ch, BasicRecoverOk {});
                 }
@@ -1278,7 +1296,7 @@ impl Conn {
                     ));
                 }
                 c.tx_publishes.clear();
-                c.tx_settles.clear();
+                c.restore_tx_settles();
                 self.send(ch, TxRollbackOk {});
                 Ok(())
             }
@@ -1770,21 +1788,23 @@ impl Conn {
             }
             vec![tag]
         };
+        let items: Vec<(u64, Unacked)> = tags
+            .into_iter()
+            .filter_map(|t| c.unacked.remove(&t).map(|u| (t, u)))
+            .collect();
         if c.tx {
-            c.tx_settles.push((tag, multiple, how));
+            c.tx_settles.push((how, items));
             return Ok(());
         }
-        self.apply_settle(ch, tags, how).await;
+        self.apply_settle(ch, items.into_iter().map(|(_, u)| u).collect(), how)
+            .await;
         Ok(())
     }
 
-    async fn apply_settle(&mut self, ch: u16, tags: Vec<u64>, how: Settle) {
-        let c = self.ch(ch);
+    /// Settles deliveries that have already left the channel's `unacked`.
+    async fn apply_settle(&mut self, ch: u16, items: Vec<Unacked>, how: Settle) {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Ready>)> = Vec::new();
-        for t in tags {
-            let Some(u) = c.unacked.remove(&t) else {
-                continue;
-            };
+        for u in items {
             if let Some(cons) = &u.consumer {
                 cons.release(u.ready.msg.size());
             }
@@ -1956,22 +1976,29 @@ impl Conn {
             self.route_and_send(ch, &p.exchange, p.mandatory, p.msg, None)
                 .await;
         }
+        // Wait until every publish of the transaction is durable; the
+        // barrier says whether all of them were stored.
+        let mut stored = true;
         if let Some(tx) = self.ch(ch).pipeline.clone() {
             let (done, wait) = oneshot::channel();
-            if tx.send(PubItem::Barrier(done)).await.is_ok() {
-                self.flush();
-                let _ = wait.await;
-            }
-        }
-        for (tag, multiple, how) in settles {
-            let c = self.ch(ch);
-            let tags: Vec<u64> = if multiple {
-                let upto = if tag == 0 { u64::MAX } else { tag };
-                c.unacked.range(..=upto).map(|(&t, _)| t).collect()
-            } else {
-                vec![tag]
+            stored = match tx.send(PubItem::Barrier(done)).await {
+                Ok(()) => {
+                    self.flush();
+                    wait.await.unwrap_or(false)
+                }
+                Err(_) => false,
             };
-            self.apply_settle(ch, tags, how).await;
+        }
+        if !stored {
+            // As RabbitMQ: a channel exception instead of commit-ok. The
+            // transaction's settlements are not applied; closing the
+            // channel requeues their deliveries.
+            self.ch(ch).tx_settles = settles;
+            return Err(chan(ReplyCode::PreconditionFailed, "partial tx completion"));
+        }
+        for (how, items) in settles {
+            self.apply_settle(ch, items.into_iter().map(|(_, u)| u).collect(), how)
+                .await;
         }
         self.send(ch, TxCommitOk {});
         Ok(())
