@@ -1,5 +1,5 @@
 """Bad input on a raw socket: a wrong protocol header, unknown methods,
-frames over frame-max, content bodies longer than announced, methods on a
+unknown frame types, frames over frame-max, content bodies longer than announced, methods on a
 channel that is not open, missed heartbeats. Each gets the right AMQP
 exception with its reply code (or the header back), and the server keeps
 serving other connections."""
@@ -202,3 +202,18 @@ def test_missed_client_heartbeats_close_the_connection(gw):
         kinds.append(f[0])
     # The server sent heartbeats while idle, then gave up on us.
     assert 8 in kinds
+
+
+def test_unknown_frame_type_is_501(gw):
+    for channel in (0, 1):
+        r = Raw(gw.port("amqp"))
+        r.handshake()
+        r.open_channel()
+        r.send(frame(9, channel, b"what is this"))
+        _, code, text = r.expect_close(10, 50)
+        assert code == 501, text
+        # After connection.close the server waits for close-ok, then goes.
+        r.send(frame(1, 0, method(10, 51)))
+        assert r.read_frame() is None
+        r.close()
+    server_still_works(gw)

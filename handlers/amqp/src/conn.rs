@@ -471,7 +471,7 @@ async fn handshake(
     } else {
         tune.channel_max
     };
-    if channel_max > cfg.channel_max {
+    if cfg.channel_max != 0 && channel_max > cfg.channel_max {
         close_handshake(
             wr,
             ReplyCode::NotAllowed,
@@ -526,7 +526,12 @@ async fn handshake(
         user,
         caps,
         frame_max,
-        channel_max,
+        // 0 is "no limit" in the spec.
+        channel_max: if channel_max == 0 {
+            u16::MAX
+        } else {
+            channel_max
+        },
         heartbeat: tune.heartbeat,
         out,
     }))
@@ -741,15 +746,6 @@ impl Conn {
             let m = decode_method(f.payload)?;
             return self.connection_method(m).await;
         }
-        if f.channel > self.channel_max {
-            return Err(conn_exc(
-                ReplyCode::ChannelError,
-                format!(
-                    "channel {} exceeds channel_max {}",
-                    f.channel, self.channel_max
-                ),
-            ));
-        }
         let ch_id = f.channel;
         match f.kind {
             FRAME_METHOD => {
@@ -757,6 +753,15 @@ impl Conn {
                 let ids = m.ids();
                 let Some(ch) = self.channels.get(&ch_id) else {
                     if let Method::ChannelOpen(_) = m {
+                        // As RabbitMQ: channel_max bounds how many channels
+                        // are open, whatever their numbers.
+                        let open = self.channels.len();
+                        if open >= usize::from(self.channel_max) {
+                            return Err(conn_exc(
+                                ReplyCode::NotAllowed,
+                                format!("number of channels opened ({open}) has reached the negotiated channel_max ({})", self.channel_max),
+                            ));
+                        }
                         self.open_channel(ch_id);
                         return Ok(());
                     }
