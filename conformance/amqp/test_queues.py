@@ -286,3 +286,156 @@ def test_tx_and_confirm_are_exclusive(conn):
     with pytest.raises(ChannelClosedByBroker) as e:
         ch.tx_select()
     assert e.value.reply_code == 406
+
+
+def test_exclusive_consumer_refuses_other_consumers(gw, conn):
+    ch = conn.channel()
+    ch.queue_declare("exc-cons")
+    ch.basic_consume("exc-cons", lambda *a: None, exclusive=True)
+    other = pika.BlockingConnection(params(gw.port("amqp")))
+    och = other.channel()
+    with pytest.raises(ChannelClosedByBroker) as e:
+        och.basic_consume("exc-cons", lambda *a: None)
+    assert e.value.reply_code == 403
+    assert e.value.reply_text == "ACCESS_REFUSED - queue 'exc-cons' in vhost '/' in exclusive use"
+    # The same connection is refused too, on another channel.
+    ch2 = conn.channel()
+    with pytest.raises(ChannelClosedByBroker) as e:
+        ch2.basic_consume("exc-cons", lambda *a: None)
+    assert e.value.reply_code == 403
+    # An exclusive consumer cannot join a queue that has consumers.
+    ch.queue_declare("shared-cons")
+    ch.basic_consume("shared-cons", lambda *a: None)
+    och = other.channel()
+    with pytest.raises(ChannelClosedByBroker) as e:
+        och.basic_consume("shared-cons", lambda *a: None, exclusive=True)
+    assert e.value.reply_code == 403
+    other.close()
+
+
+def test_no_ack_consume_delivers_once_and_forgets(gw, conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare("noack-q", durable=True)
+    for i in range(20):
+        ch.basic_publish("", "noack-q", str(i).encode(), pika.BasicProperties(delivery_mode=2))
+    got = []
+    ch.basic_consume("noack-q", lambda c, m, p, b: got.append((m.delivery_tag, m.redelivered, b)),
+                     auto_ack=True)
+    pump(conn, got, 20)
+    assert [b for _, _, b in got] == [str(i).encode() for i in range(20)]
+    assert all(r is False for _, r, _ in got)
+    assert [t for t, _, _ in got] == list(range(1, 21))
+    # Nothing is waiting for an ack: the queue is empty, and closing the
+    # channel and connection brings nothing back.
+    assert ch.queue_declare("noack-q", passive=True).method.message_count == 0
+    conn.close()
+    c = pika.BlockingConnection(params(gw.port("amqp")))
+    ch = c.channel()
+    time.sleep(0.3)
+    assert ch.queue_declare("noack-q", passive=True).method.message_count == 0
+    assert ch.basic_get("noack-q")[0] is None
+    c.close()
+
+
+def test_recover_requeue_redelivers_unacked(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    ch.queue_declare("recover-q")
+    for b in (b"a", b"b", b"c"):
+        ch.basic_publish("", "recover-q", b)
+    got = []
+    ch.basic_consume("recover-q", lambda c, m, p, b: got.append((m, b)))
+    pump(conn, got, 3)
+    assert [(b, m.redelivered) for m, b in got] == [(b"a", False), (b"b", False), (b"c", False)]
+    ch.basic_ack(got[0][0].delivery_tag)
+    ch.basic_recover(requeue=True)
+    pump(conn, got, 5)
+    again = got[3:]
+    assert [(b, m.redelivered) for m, b in again] == [(b"b", True), (b"c", True)]
+    # New delivery tags; the old ones are gone.
+    assert {m.delivery_tag for m, _ in again}.isdisjoint({m.delivery_tag for m, _ in got[:3]})
+    ch.basic_ack(again[-1][0].delivery_tag, multiple=True)
+    conn.process_data_events(time_limit=0.2)
+    ch2 = conn.channel()
+    assert wait_count(ch2, "recover-q", 0) == 0
+
+
+def test_global_prefetch_count_limits_the_channel(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for q in ("gp-a", "gp-b"):
+        ch.queue_declare(q)
+        for i in range(5):
+            ch.basic_publish("", q, f"{q}-{i}".encode())
+    ch.basic_qos(prefetch_count=3, global_qos=True)
+    got = []
+    ch.basic_consume("gp-a", lambda c, m, p, b: got.append(m))
+    ch.basic_consume("gp-b", lambda c, m, p, b: got.append(m))
+    pump(conn, got, 3)
+    assert len(got) == 3  # 3 for the channel, not 3 per consumer
+    ch.basic_ack(got[0].delivery_tag)
+    pump(conn, got, 4)
+    assert len(got) == 4
+    ch.basic_ack(0, multiple=True)
+    pump(conn, got, 7)
+    assert len(got) == 7
+    ch.basic_ack(0, multiple=True)
+    pump(conn, got, 10)
+    assert len(got) == 10
+    assert {m.consumer_tag for m in got} == set(ch.consumer_tags)
+
+
+def test_global_and_per_consumer_prefetch_together(conn):
+    ch = conn.channel()
+    ch.confirm_delivery()
+    for q in ("gpc-a", "gpc-b"):
+        ch.queue_declare(q)
+        for i in range(5):
+            ch.basic_publish("", q, b"x")
+    ch.basic_qos(prefetch_count=3, global_qos=True)
+    ch.basic_qos(prefetch_count=1)  # per consumer, for consumers made after
+    got = {"a": [], "b": []}
+    ch.basic_consume("gpc-a", lambda c, m, p, b: got["a"].append(m))
+    ch.basic_consume("gpc-b", lambda c, m, p, b: got["b"].append(m))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        conn.process_data_events(time_limit=0.1)
+    flat = got["a"] + got["b"]
+    # Each consumer is held at 1 before the channel's 3 is reached.
+    assert (len(got["a"]), len(got["b"])) == (1, 1), flat
+
+
+def test_nack_without_requeue_dead_letters_to_the_dlx(ch):
+    ch.confirm_delivery()
+    ch.exchange_declare("nack-dlx", "fanout")
+    ch.queue_declare("nack-dead")
+    ch.queue_bind("nack-dead", "nack-dlx")
+    ch.exchange_declare("nack-src-x", "direct")
+    ch.queue_declare("nack-q", arguments={"x-dead-letter-exchange": "nack-dlx"})
+    ch.queue_bind("nack-q", "nack-src-x", "rk")
+    for b in (b"n1", b"n2"):
+        ch.basic_publish("nack-src-x", "rk", b, pika.BasicProperties(headers={"orig": b.decode()}))
+    m1 = ch.basic_get("nack-q")[0]
+    m2 = ch.basic_get("nack-q")[0]
+    ch.basic_nack(m2.delivery_tag, multiple=True, requeue=False)
+    assert wait_count(ch, "nack-dead", 2) == 2
+    assert ch.queue_declare("nack-q", passive=True).method.message_count == 0
+    for want in (b"n1", b"n2"):
+        m, p, b = ch.basic_get("nack-dead", auto_ack=True)
+        assert b == want
+        # No x-dead-letter-routing-key: the original routing key is kept.
+        assert m.exchange == "nack-dlx" and m.routing_key == "rk"
+        assert p.headers["orig"] == want.decode()
+        deaths = p.headers["x-death"]
+        assert len(deaths) == 1
+        d = deaths[0]
+        assert d["reason"] == "rejected"
+        assert d["queue"] == "nack-q"
+        assert d["exchange"] == "nack-src-x"
+        assert d["routing-keys"] == ["rk"]
+        assert d["count"] == 1
+        assert p.headers["x-first-death-reason"] == "rejected"
+        assert p.headers["x-first-death-queue"] == "nack-q"
+        assert p.headers["x-first-death-exchange"] == "nack-src-x"
+    del m1
