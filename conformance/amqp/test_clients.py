@@ -58,6 +58,88 @@ def test_select_connection_publish_confirm_consume(gw):
     assert state["got"] == list(range(n))
 
 
+def test_select_connection_confirms_nacks_and_acks(gw):
+    """The async API end to end: publisher confirms with some nacks (a
+    reject-publish queue at its limit), then a consumer with prefetch,
+    manual acks (single and multiple) and one nack(requeue) that comes back
+    redelivered; at the end the queue is empty."""
+    limit, n = 10, 15
+    st = {"acked": set(), "nacked": set(), "got": [], "redelivered": [], "nacked_once": False,
+          "final_count": None, "error": None}
+
+    def on_open(conn):
+        conn.channel(on_open_callback=on_channel)
+
+    def on_channel(ch):
+        st["ch"] = ch
+        ch.add_on_close_callback(on_channel_closed)
+        ch.confirm_delivery(on_confirm, callback=lambda _: ch.queue_declare(
+            "sel-limited", durable=True,
+            arguments={"x-max-length": limit, "x-overflow": "reject-publish"},
+            callback=on_declared))
+
+    def on_declared(_):
+        for i in range(n):
+            st["ch"].basic_publish("", "sel-limited", str(i).encode(),
+                                   pika.BasicProperties(delivery_mode=2))
+
+    def on_confirm(frame):
+        m = frame.method
+        into = st["acked"] if isinstance(m, pika.spec.Basic.Ack) else st["nacked"]
+        done = st["acked"] | st["nacked"]
+        tags = ([t for t in range(1, m.delivery_tag + 1) if t not in done]
+                if m.multiple else [m.delivery_tag])
+        into.update(tags)
+        if len(st["acked"]) + len(st["nacked"]) == n:
+            ch = st["ch"]
+            ch.basic_qos(prefetch_count=4, callback=lambda _: ch.basic_consume(
+                "sel-limited", on_message))
+
+    def on_message(ch, method, props, body):
+        i = int(body)
+        if method.redelivered:
+            st["redelivered"].append(i)
+        if i == 0 and not st["nacked_once"]:
+            st["nacked_once"] = True
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            return
+        st["got"].append(i)
+        if len(st["got"]) % 2 == 0:
+            ch.basic_ack(method.delivery_tag, multiple=True)
+        if len(st["got"]) == limit:
+            # Closing the channel would requeue anything left unacked.
+            ch.close()
+
+    def on_channel_closed(ch, reason):
+        if not isinstance(reason, pika.exceptions.ChannelClosedByClient):
+            st["error"] = f"channel closed: {reason}"
+            conn.close()
+            return
+        conn.channel(on_open_callback=lambda c2: c2.queue_declare(
+            "sel-limited", passive=True, callback=on_count))
+
+    def on_count(frame):
+        st["final_count"] = frame.method.message_count
+        conn.close()
+
+    conn = pika.SelectConnection(params(gw.port("amqp")), on_open_callback=on_open,
+                                 on_open_error_callback=lambda c, e: st.update(error=e),
+                                 on_close_callback=lambda c, e: c.ioloop.stop())
+    timer = threading.Timer(20, lambda: conn.ioloop.add_callback_threadsafe(conn.ioloop.stop))
+    timer.start()
+    try:
+        conn.ioloop.start()
+    finally:
+        timer.cancel()
+    assert st["error"] is None
+    # The first `limit` publishes were stored, the rest refused.
+    assert st["acked"] == set(range(1, limit + 1))
+    assert st["nacked"] == set(range(limit + 1, n + 1))
+    assert sorted(st["got"]) == list(range(limit))
+    assert st["redelivered"] == [0]
+    assert st["final_count"] == 0
+
+
 def test_py_amqp_client(gw):
     with amqp.Connection(f"127.0.0.1:{gw.port('amqp')}", userid="guest", password="guest",
                          login_method="AMQPLAIN") as c:
