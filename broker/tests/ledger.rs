@@ -587,7 +587,10 @@ async fn tail_caches_of_many_ledgers_share_one_budget() {
     for i in 0..200usize {
         let k = i % ledgers.len();
         let payload = vec![i as u8; 300 + i * 13 % 700];
-        let a = ledgers[k].append(entry(payload.clone(), 1, 0)).await.unwrap();
+        let a = ledgers[k]
+            .append(entry(payload.clone(), 1, 0))
+            .await
+            .unwrap();
         model[k].push((a.base_offset, payload));
         assert!(budget.used() <= 20 * 1024, "used {}", budget.used());
     }

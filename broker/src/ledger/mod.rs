@@ -344,6 +344,9 @@ pub struct Ledger {
 /// takes a fraction of a millisecond.
 const INLINE_READ_MAX: usize = 1 << 20;
 
+/// A group commit slower than this is logged: it delays every append in it.
+const SLOW_WRITE: Duration = Duration::from_millis(100);
+
 const CURSORS_FILE: &str = "cursors.json";
 const LEDGER_META_FILE: &str = "ledger.json";
 
@@ -1405,19 +1408,35 @@ impl Writer {
                 run_bytes += len;
                 i += 1;
             }
+            let t0 = Instant::now();
             let write = self
                 .active
                 .file
                 .write_all_at(&self.buf, start_size)
                 .and_then(|()| {
+                    let written = t0.elapsed();
+                    metrics::counter!("manifold_ledger_write_micros_total")
+                        .increment(written.as_micros() as u64);
                     if self.policy.fsync == FsyncPolicy::Interval {
                         Ok(())
                     } else {
                         metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
                         self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
-                        self.active.file.sync_data()
+                        let r = self.active.file.sync_data();
+                        metrics::counter!("manifold_ledger_fsync_micros_total")
+                            .increment((t0.elapsed() - written).as_micros() as u64);
+                        r
                     }
                 });
+            let took = t0.elapsed();
+            if took >= SLOW_WRITE {
+                tracing::warn!(
+                    ledger = %self.ledger.name,
+                    ms = took.as_millis() as u64,
+                    bytes = self.buf.len(),
+                    "slow group commit (write and fdatasync)"
+                );
+            }
             if let Err(e) = write {
                 let err = BrokerError::io(&self.active.path, e);
                 tracing::error!(ledger = %self.ledger.name, error = %err, "append failed");

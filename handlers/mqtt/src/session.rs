@@ -65,6 +65,16 @@ struct Inflight {
     share: Option<(Arc<Group>, Box<Delivery>)>,
 }
 
+/// Where an outgoing publish came from, for its acknowledgement: the feed
+/// and offset (redelivery), the cursor to acknowledge on, and the shared
+/// subscription group it is owed back to if it is not acknowledged.
+#[derive(Default)]
+struct Source {
+    origin: Option<(FeedKey, u64)>,
+    cursor: Option<Arc<Cursor>>,
+    share: Option<(Arc<Group>, Box<Delivery>)>,
+}
+
 /// A publish waiting for room in the window (retained messages).
 struct Pending {
     publish: MqttPublish,
@@ -174,6 +184,7 @@ struct Started {
 
 /// Moves `b`'s value out and frees its allocation now (a `*b` move frees
 /// it only at the end of the enclosing scope).
+#[allow(clippy::boxed_local)] // taking the box is the point
 fn unbox<T>(b: Box<T>) -> T {
     *b
 }
@@ -521,7 +532,7 @@ impl Conn {
                 let Some(p) = self.pending.pop_front() else {
                     break;
                 };
-                self.send_publish(p.publish, p.qos, true, p.sub_ids, None, None, None);
+                self.send_publish(p.publish, p.qos, true, p.sub_ids, Source::default());
             }
             self.flush(wr).await?;
             let ka_deadline = ka.map_or_else(
@@ -1177,7 +1188,17 @@ impl Conn {
         };
         let q = sq.min(p.qos);
         let retain = rap && p.retain;
-        self.send_publish(p, q, retain, ids, Some((d.key, d.offset)), d.cursor, None);
+        self.send_publish(
+            p,
+            q,
+            retain,
+            ids,
+            Source {
+                origin: Some((d.key, d.offset)),
+                cursor: d.cursor,
+                share: None,
+            },
+        );
     }
 
     /// Delivers a message of shared subscription group `g` with this
@@ -1207,7 +1228,17 @@ impl Conn {
         let ids = sub.id.into_iter().collect();
         let origin = Some((d.key.clone(), d.offset));
         let cursor = d.cursor.clone();
-        self.send_publish(p, q, retain, ids, origin, cursor, Some((g.clone(), d)));
+        self.send_publish(
+            p,
+            q,
+            retain,
+            ids,
+            Source {
+                origin,
+                cursor,
+                share: Some((g.clone(), d)),
+            },
+        );
     }
 
     fn alloc_pkid(&mut self) -> u16 {
@@ -1226,10 +1257,13 @@ impl Conn {
         qos: u8,
         retain: bool,
         sub_ids: Vec<u32>,
-        origin: Option<(FeedKey, u64)>,
-        cursor: Option<Arc<Cursor>>,
-        share: Option<(Arc<Group>, Box<Delivery>)>,
+        source: Source,
     ) {
+        let Source {
+            origin,
+            cursor,
+            share,
+        } = source;
         let mut dup = false;
         let pkid = if qos > 0 {
             match origin
