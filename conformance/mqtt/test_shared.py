@@ -185,3 +185,40 @@ def test_v5_shared_subscription_identifiers_and_qos(gw, uniq):
     assert m.qos == 0
     assert m.properties.SubscriptionIdentifier == [7]
     a.close(); pub.close()
+
+
+def test_shared_subscription_ends_when_its_last_session_expires(gw, uniq):
+    """The only session holding a shared subscription goes offline and its
+    session expires: the subscription ends with it. The group's durable
+    cursor is deleted (the admin API no longer lists it), and a member that
+    subscribes later starts a new group: it gets only what is published
+    after it subscribed, not what piled up for the expired session."""
+    port = gw.port("mqtt")
+    filt = f"$share/gx/{uniq}/x"
+    cursor = f"mqtt-share.gx/{uniq}/x".encode()
+    stats = f"/admin/v1/topics/public/default/{uniq}.x/stats"
+    a = Client(port, f"{uniq}-a", V5, clean=False, session_expiry=1).connect()
+    a.sub(filt, qos=1)
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    pub.pub(f"{uniq}/x", b"0", qos=1)
+    assert a.get().payload == b"0"
+    status, body = gw.admin("GET", stats)
+    assert status == 200 and cursor in body, body
+    a.close()
+    # Expiry is 1 s after the disconnect; the sweep runs every 0.5 s.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, body = gw.admin("GET", stats)
+        if status == 200 and cursor not in body:
+            break
+        time.sleep(0.2)
+    assert status == 200 and cursor not in body, body
+    for i in range(1, 4):
+        pub.pub(f"{uniq}/x", str(i).encode(), qos=1)
+    b = Client(port, f"{uniq}-b", V5).connect()
+    b.sub(filt, qos=1)
+    b.nothing()
+    pub.pub(f"{uniq}/x", b"4", qos=1)
+    assert b.get().payload == b"4"
+    b.nothing()
+    b.close(); pub.close()

@@ -218,6 +218,36 @@ impl Shared {
         }
     }
 
+    /// Deletes the cursors of the shared subscription `filter`
+    /// (`$share/<group>/<f>`) when no connected member and no offline
+    /// session holds it any more (the last session holding it expired).
+    pub(crate) async fn forget_shared_if_unheld(&self, filter: &str) {
+        let Ok(Some((name, f))) = map::parse_shared(filter) else {
+            return;
+        };
+        let live = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&format!("{name}/{f}"));
+        if live || self.held_offline(filter) {
+            return;
+        }
+        let cname = map::shared_cursor_name(name, f);
+        for k in self.known_topics() {
+            if !map::topic_matches(f, &k.mqtt) {
+                continue;
+            }
+            for p in 0..k.partitions {
+                if let Ok(l) = self.broker.ledger(&k.name, p) {
+                    if l.cursor(&cname).is_some() {
+                        let _ = l.delete_cursor(&cname).await;
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether a stored (offline) session subscribes to `filter`.
     fn held_offline(&self, filter: &str) -> bool {
         self.sessions

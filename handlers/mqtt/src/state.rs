@@ -469,6 +469,7 @@ impl Shared {
 
     async fn expire_sessions(self: &Arc<Self>) {
         let now = now_ms();
+        let mut shared_filters = Vec::new();
         let expired: Vec<Arc<str>> = {
             let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             let ids: Vec<Arc<str>> = s
@@ -479,13 +480,26 @@ impl Shared {
                 .map(|(k, _)| k.clone())
                 .collect();
             for id in &ids {
-                s.remove(id);
+                if let Some(stored) = s.remove(id).and_then(|slot| slot.stored) {
+                    shared_filters.extend(
+                        stored
+                            .record
+                            .subs
+                            .iter()
+                            .filter(|r| matches!(map::parse_shared(&r.filter), Ok(Some(_))))
+                            .map(|r| r.filter.clone()),
+                    );
+                }
             }
             ids
         };
         for id in expired {
             tracing::debug!(client_id = %id, "session expired");
             self.delete_session_state(&id).await;
+        }
+        // A shared subscription ends with the last session that holds it.
+        for f in shared_filters {
+            self.forget_shared_if_unheld(&f).await;
         }
     }
 
