@@ -325,6 +325,50 @@ def test_v5_will_delay_cancelled_by_reconnect(gw, uniq):
     watcher.close()
 
 
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_v5_clean_start_ends_the_session_and_sends_a_delayed_will(gw, uniq, online):
+    """MQTT 5 3.1.2.5: a delayed will is published when its delay passes or
+    the session ends, whichever is first. A clean-start connection with the
+    same client id ends the session: the will (delay 30 s) arrives at once,
+    whether the first connection had already dropped or was still online
+    (taken over)."""
+    port = gw.port("mqtt")
+    watcher = Client(port, f"{uniq}-w", V5).connect()
+    watcher.sub(f"{uniq}/will", qos=1)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 30
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", b"ended", 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    if not online:
+        c.drop()
+        watcher.nothing(0.8)  # delay 30 s: not yet
+    t0 = time.monotonic()
+    c2 = Client(port, f"{uniq}-c", V5, clean=True).connect()
+    m = watcher.get(timeout=5)
+    assert m.payload == b"ended"
+    assert time.monotonic() - t0 < 5
+    watcher.nothing(0.5)  # once
+    c2.close(); watcher.close()
+
+
+def test_v5_resuming_the_session_cancels_a_delayed_will_of_a_taken_over_connection(gw, uniq):
+    """Taken over by a connection that resumes the session (clean start 0):
+    the session goes on, so the old connection's delayed will is not sent."""
+    port = gw.port("mqtt")
+    watcher = Client(port, f"{uniq}-w", V5).connect()
+    watcher.sub(f"{uniq}/will", qos=1)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 2
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", b"not-sent", 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    c2 = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300).connect()
+    assert c.disconnected.wait(5)
+    watcher.nothing(3.0)
+    c2.close(); watcher.close()
+
+
 @pytest.mark.parametrize("name,ver", [("v3.1.1", V311), ("v5", V5)])
 def test_session_takeover(gw, uniq, name, ver):
     port = gw.port("mqtt")

@@ -354,6 +354,7 @@ async fn handshake(
     let kick = shutdown.child_token();
     let gone = CancellationToken::new();
     let mut prev: Option<Session> = None;
+    let mut ended_will = None;
     for attempt in 0..3 {
         let wait = {
             let mut s = shared.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -365,13 +366,20 @@ async fn handshake(
                 }
                 _ => {
                     if let Some(w) = slot.will.take() {
-                        w.abort();
+                        w.task.abort();
+                        // A clean start ends the session, and a will still
+                        // waiting for its delay is sent now (MQTT 5
+                        // 3.1.2.5); resuming the session cancels it.
+                        if clean_start {
+                            ended_will = Some(w.will);
+                        }
                     }
                     prev = slot.stored.take().map(|b| *b);
                     slot.online = Some(Online {
                         conn_id,
                         kick: kick.clone(),
                         gone: gone.clone(),
+                        clean_start,
                     });
                     slot.expires_at_ms = None;
                     None
@@ -384,6 +392,9 @@ async fn handshake(
                 let _ = tokio::time::timeout(Duration::from_secs(5), g.cancelled()).await;
             }
         }
+    }
+    if let Some(w) = ended_will {
+        shared.publish_will_now(w);
     }
     let session_present = !clean_start && prev.is_some();
     let session = if clean_start {

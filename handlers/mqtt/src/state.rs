@@ -89,6 +89,16 @@ pub(crate) struct Online {
     /// Closed when the connection has put the session back.
     /// Cancelled when the connection has released the session.
     pub(crate) gone: CancellationToken,
+    /// The connection asked for a clean start: the session it took over
+    /// ended, and with it any will still waiting for its delay.
+    pub(crate) clean_start: bool,
+}
+
+/// A will waiting for its delay.
+#[derive(Debug)]
+pub(crate) struct PendingWill {
+    pub(crate) task: AbortHandle,
+    pub(crate) will: MqttPublish,
 }
 
 #[derive(Debug, Default)]
@@ -98,7 +108,7 @@ pub(crate) struct Slot {
     /// Offline persistent sessions expire at this time (ms).
     pub(crate) expires_at_ms: Option<i64>,
     /// A delayed will waiting to be published.
-    pub(crate) will: Option<AbortHandle>,
+    pub(crate) will: Option<PendingWill>,
 }
 
 /// Everything the handler's connections share.
@@ -512,17 +522,14 @@ impl Shared {
         delay_secs: u32,
     ) {
         if delay_secs == 0 {
-            let me = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = me.publish(&will).await {
-                    tracing::warn!(error = %e, "could not publish will");
-                }
-            });
+            self.publish_will_now(will);
             return;
         }
         let me = self.clone();
         let id = client_id.clone();
+        let delayed = will.clone();
         let task = tokio::spawn(async move {
+            let will = delayed;
             tokio::time::sleep(Duration::from_secs(u64::from(delay_secs))).await;
             if let Some(slot) = me
                 .sessions
@@ -536,28 +543,50 @@ impl Shared {
                 tracing::warn!(error = %e, "could not publish will");
             }
         });
+        let pending = PendingWill {
+            task: task.abort_handle(),
+            will,
+        };
         let mut s = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         match s.get_mut(client_id) {
             Some(slot) if slot.online.is_none() => {
-                if let Some(old) = slot.will.replace(task.abort_handle()) {
-                    old.abort();
+                if let Some(old) = slot.will.replace(pending) {
+                    old.task.abort();
                 }
             }
             // A new connection took the session over before the will was
-            // scheduled: it is not sent (MQTT 5 3.1.3.2.2).
-            Some(_) => task.abort(),
+            // scheduled. With a clean start the session ended: the will is
+            // sent now; otherwise the session goes on and it is not sent
+            // (MQTT 5 3.1.2.5).
+            Some(slot) => {
+                task.abort();
+                if slot.online.as_ref().is_some_and(|o| o.clean_start) {
+                    drop(s);
+                    self.publish_will_now(pending.will);
+                }
+            }
             // No offline session to hang it on (clean session ended):
             // keep a slot just for the will.
             None => {
                 s.insert(
                     client_id.clone(),
                     Slot {
-                        will: Some(task.abort_handle()),
+                        will: Some(pending),
                         ..Slot::default()
                     },
                 );
             }
         }
+    }
+
+    /// Publishes a will in the background.
+    pub(crate) fn publish_will_now(self: &Arc<Self>, will: MqttPublish) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.publish(&will).await {
+                tracing::warn!(error = %e, "could not publish will");
+            }
+        });
     }
 }
 
