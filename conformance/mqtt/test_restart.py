@@ -1,6 +1,46 @@
 """Durability: persistent sessions and retained messages survive SIGKILL."""
 
-from mqttc import V5, V311, Client
+import struct
+import time
+
+from mqttc import V5, V311, Client, Raw, connect_packet, packet, s
+
+
+class PacketReader:
+    """Splits what a raw MQTT 3.1.1 connection receives into packets."""
+
+    def __init__(self, raw):
+        self.raw, self.buf = raw, b""
+
+    def next(self, timeout=5.0):
+        """(type, flags, body) of the next packet, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buf) >= 2:
+                n, mul, i = 0, 1, 1
+                while i < len(self.buf):
+                    b = self.buf[i]
+                    n += (b & 0x7F) * mul
+                    mul *= 128
+                    i += 1
+                    if not b & 0x80:
+                        break
+                else:
+                    i = None
+                if i is not None and len(self.buf) >= i + n:
+                    first, body = self.buf[0], self.buf[i:i + n]
+                    self.buf = self.buf[i + n:]
+                    return first >> 4, first & 0x0F, body
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                got = self.raw.recv_some(timeout=left)
+            except TimeoutError:
+                return None
+            if not got:
+                return None
+            self.buf += got
 
 
 def test_persistent_session_survives_sigkill(gateway_factory):
@@ -56,3 +96,47 @@ def test_v5_session_expiry_ends_session(gateway_factory):
     assert not s.session_present
     s.nothing()
     s.close(); pub.close()
+
+
+def test_owed_pubrel_survives_sigkill(gateway_factory):
+    """QoS 2 to a persistent 3.1.1 session: the client has PUBREC'd a
+    message and the gateway has sent PUBREL, but the client's PUBCOMP never
+    came. After SIGKILL and restart the session resumes with that PUBREL
+    (MQTT-4.4.0-1), and the message itself is not sent again: paho, like
+    many clients, hands a QoS 2 message to the application only at PUBREL,
+    so a lost PUBREL would lose the message."""
+    gw = gateway_factory(["mqtt"])
+    port = gw.port("mqtt")
+    sub = Raw(port)
+    sub.send(connect_packet("rel-sub", clean=False))
+    r = PacketReader(sub)
+    assert r.next()[0] == 2  # CONNACK
+    sub.send(packet(0x82, struct.pack(">H", 1) + s("rel/t") + b"\x02"))
+    assert r.next()[0] == 9  # SUBACK
+    pub = Client(port, "rel-pub", V311).connect()
+    pub.pub("rel/t", b"exactly-once", qos=2)
+    t, flags, body = r.next()
+    assert t == 3 and (flags >> 1) & 3 == 2, (t, flags)
+    tlen = struct.unpack(">H", body[:2])[0]
+    pkid = struct.unpack(">H", body[2 + tlen:4 + tlen])[0]
+    assert body[4 + tlen:] == b"exactly-once"
+    sub.send(packet(0x50, struct.pack(">H", pkid)))  # PUBREC
+    t, flags, body = r.next()
+    assert (t, flags, body) == (6, 2, struct.pack(">H", pkid))  # PUBREL
+    time.sleep(1.5)  # no PUBCOMP; background cursor flushes run
+    pub.close()
+    gw.kill()
+    gw.restart()
+    port = gw.port("mqtt")
+    sub2 = Raw(port)
+    sub2.send(connect_packet("rel-sub", clean=False))
+    r2 = PacketReader(sub2)
+    t, _, body = r2.next()
+    assert t == 2 and body[0] & 1 == 1, "session present"
+    seen = []
+    while (p := r2.next(timeout=2.0)) is not None:
+        seen.append(p)
+    assert (6, 2, struct.pack(">H", pkid)) in seen, seen
+    assert not [p for p in seen if p[0] == 3], f"the message was sent again: {seen}"
+    sub2.send(packet(0x70, struct.pack(">H", pkid)))  # PUBCOMP
+    sub2.close(); sub.close()

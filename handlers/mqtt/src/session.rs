@@ -109,6 +109,10 @@ struct Conn {
     /// first: each is answered (PUBACK / PUBREC) when it is durable, in the
     /// order the PUBLISH packets came (MQTT 4.6).
     acks: VecDeque<PendingPublish>,
+    /// QoS 2 deliveries PUBREC'd by a persistent session: acknowledged on
+    /// their cursors only once the owed PUBREL is stored, so that after a
+    /// crash the PUBREL is sent again rather than the message lost.
+    rel_acks: Vec<(Arc<Cursor>, u64)>,
 }
 
 /// A client's PUBLISH whose append is in flight.
@@ -431,6 +435,7 @@ async fn handshake(
         feed_rx: None,
         will,
         acks: VecDeque::new(),
+        rel_acks: Vec::new(),
         shared: shared.clone(),
     });
     conn.session.record.expiry = expiry;
@@ -606,6 +611,9 @@ impl Conn {
                             }
                         }
                     }
+                    if !self.rel_acks.is_empty() {
+                        Box::pin(self.store_pubrels()).await;
+                    }
                     // An idle connection keeps no read buffer.
                     if rbuf.is_empty() {
                         rbuf = BytesMut::new();
@@ -689,11 +697,19 @@ impl Conn {
             Packet::PubRec(a) => match self.inflight.get_mut(&a.pkid) {
                 Some(f) if f.qos == 2 && !f.released => {
                     // Delivered: the client owns it now.
-                    ack(f);
                     if self.v == Version::V5 && a.reason >= 0x80 {
+                        ack(f);
                         self.inflight.remove(&a.pkid);
                     } else {
                         f.released = true;
+                        match (&f.cursor, &f.origin) {
+                            // Acknowledged once the owed PUBREL is stored
+                            // (`store_pubrels`).
+                            (Some(c), Some((_, off))) if self.expiry > 0 => {
+                                self.rel_acks.push((c.clone(), *off));
+                            }
+                            _ => ack(f),
+                        }
                         self.session.record.pubrel.push(a.pkid);
                         self.wbuf_packet(&Packet::PubRel(Ack::ok(a.pkid)));
                     }
@@ -1341,6 +1357,26 @@ impl Conn {
     }
 
     /// Gives the session back (or ends it), publishes the will when due.
+    /// Stores the session record with the PUBRELs now owed, then
+    /// acknowledges their deliveries (one store for all the PUBRECs of a
+    /// read). If the store fails they stay unacknowledged: a crash then
+    /// redelivers them (at least once) instead of losing them.
+    async fn store_pubrels(&mut self) {
+        let acks = std::mem::take(&mut self.rel_acks);
+        match self
+            .shared
+            .store_session(&self.client_id, &self.session.record)
+            .await
+        {
+            Ok(()) => {
+                for (c, off) in acks {
+                    c.ack(off);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not store owed PUBRELs"),
+        }
+    }
+
     async fn release(mut self, end: End, gone: CancellationToken) {
         for f in self.feeds.values() {
             f.abort();
@@ -1368,11 +1404,16 @@ impl Conn {
         if persistent {
             self.session.record.expiry = self.expiry;
             self.session.record.disconnected_ms = now;
-            if let Err(e) = shared
+            match shared
                 .store_session(&self.client_id, &self.session.record)
                 .await
             {
-                tracing::warn!(error = %e, "could not store session");
+                Ok(()) => {
+                    for (c, off) in std::mem::take(&mut self.rel_acks) {
+                        c.ack(off);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not store session"),
             }
             let ledgers: Vec<Arc<Ledger>> = self
                 .feeds
