@@ -140,3 +140,35 @@ def test_owed_pubrel_survives_sigkill(gateway_factory):
     assert not [p for p in seen if p[0] == 3], f"the message was sent again: {seen}"
     sub2.send(packet(0x70, struct.pack(">H", pkid)))  # PUBCOMP
     sub2.close(); sub.close()
+
+
+def test_v5_qos2_session_survives_sigkill(gateway_factory):
+    """MQTT 5, QoS 2: a persistent session (session expiry 300 s) is offline
+    while 10 QoS 2 messages are published; after SIGKILL and restart it gets
+    each exactly once, at QoS 2, in order; a graceful restart after that
+    delivers nothing again."""
+    gw = gateway_factory(["mqtt"])
+    port = gw.port("mqtt")
+    s5 = Client(port, "q2-sub", V5, clean=False, session_expiry=300).connect()
+    assert s5.sub("q2/t", qos=2) == [2]
+    s5.close()
+    pub = Client(port, "q2-pub", V5).connect()
+    sent = [f"m{i}".encode() for i in range(10)]
+    for p in sent:
+        pub.pub("q2/t", p, qos=2)
+    pub.close()
+    gw.kill()
+    gw.restart()
+    s5 = Client(gw.port("mqtt"), "q2-sub", V5, clean=False, session_expiry=300).connect()
+    assert s5.session_present
+    got = s5.get_n(len(sent), timeout=15)
+    assert [m.payload for m in got] == sent
+    assert {m.qos for m in got} == {2}
+    s5.nothing(1.5)
+    s5.close()
+    gw.stop()
+    gw.start()
+    s5 = Client(gw.port("mqtt"), "q2-sub", V5, clean=False, session_expiry=300).connect()
+    assert s5.session_present
+    s5.nothing(1.5)
+    s5.close()
