@@ -142,13 +142,18 @@ pub enum Parsed {
         api: ApiKey,
         body: Box<RequestKind>,
     },
-    /// ApiVersions at a version above the one supported: Kafka's rule is
-    /// to answer with a v0 response carrying UNSUPPORTED_VERSION and the
-    /// supported APIs, so the client can retry at a version it shares.
-    ApiVersionsTooNew { correlation_id: i32 },
+    /// ApiVersions at a version outside the supported range (a newer
+    /// client, usually). Kafka's rule (KIP-511) is to answer with a v0
+    /// response carrying UNSUPPORTED_VERSION and the versions of
+    /// ApiVersions it supports, so the client retries at a version both
+    /// know. The rest of the request is not parsed: its header and body
+    /// layout are those of a version we do not know.
+    ApiVersionsUnsupported { correlation_id: i32 },
     /// An API key that is unknown or not implemented, or a version outside
-    /// the supported range. Kafka closes the connection; so do we, after
-    /// logging.
+    /// the supported range for any API but ApiVersions. Kafka closes the
+    /// connection (it cannot answer in a format it does not know, and the
+    /// client never sends a version ApiVersions did not advertise); so do
+    /// we, after logging.
     Unsupported {
         api_key: i16,
         api_version: i16,
@@ -190,10 +195,10 @@ pub fn parse_request(frame: Bytes) -> Parsed {
             correlation_id,
         };
     };
-    if api == ApiKey::ApiVersions && api_version > hi {
-        return Parsed::ApiVersionsTooNew { correlation_id };
-    }
     if api_version < lo || api_version > hi {
+        if api == ApiKey::ApiVersions {
+            return Parsed::ApiVersionsUnsupported { correlation_id };
+        }
         return Parsed::Unsupported {
             api_key,
             api_version,
@@ -281,11 +286,21 @@ pub fn api_versions_body(error_code: i16) -> ApiVersionsResponse {
 }
 
 /// The v0 ApiVersions response (header v0, body v0) with
-/// UNSUPPORTED_VERSION, for a client that asked with a newer version.
+/// UNSUPPORTED_VERSION, for a client that asked with a version outside the
+/// supported range. As in Kafka (KIP-511), the only entry is ApiVersions
+/// itself: all the client needs to retry, and nothing it could mistake for
+/// the full table.
 pub fn encode_api_versions_fallback(correlation_id: i32) -> Bytes {
-    let body = ResponseKind::ApiVersions(api_versions_body(
-        mapping::kafka::ErrorCode::UnsupportedVersion.code(),
-    ));
+    use kafka_protocol::messages::api_versions_response::ApiVersion;
+    let (lo, hi) = supported_versions(ApiKey::ApiVersions).unwrap_or((0, 0));
+    let body = ResponseKind::ApiVersions(
+        ApiVersionsResponse::default()
+            .with_error_code(mapping::kafka::ErrorCode::UnsupportedVersion.code())
+            .with_api_keys(vec![ApiVersion::default()
+                .with_api_key(ApiKey::ApiVersions as i16)
+                .with_min_version(lo)
+                .with_max_version(hi)]),
+    );
     // v0 of ApiVersions always encodes; the table is small and static.
     encode_response(correlation_id, ApiKey::ApiVersions, 0, &body).unwrap_or_default()
 }
@@ -370,7 +385,15 @@ mod tests {
         raw.put_i32(5);
         assert!(matches!(
             parse_request(raw.freeze()),
-            Parsed::ApiVersionsTooNew { correlation_id: 5 }
+            Parsed::ApiVersionsUnsupported { correlation_id: 5 }
+        ));
+        let mut raw = BytesMut::new();
+        raw.put_i16(18);
+        raw.put_i16(-1);
+        raw.put_i32(6);
+        assert!(matches!(
+            parse_request(raw.freeze()),
+            Parsed::ApiVersionsUnsupported { correlation_id: 6 }
         ));
     }
 
@@ -381,7 +404,9 @@ mod tests {
         assert_eq!(b.get_i32(), 9);
         let r = ApiVersionsResponse::decode(&mut b, 0).unwrap();
         assert_eq!(r.error_code, 35);
-        assert_eq!(r.api_keys.len(), SUPPORTED_APIS.len());
+        assert_eq!(r.api_keys.len(), 1);
+        let v = &r.api_keys[0];
+        assert_eq!((v.api_key, v.min_version, v.max_version), (18, 0, 4));
     }
 
     proptest! {

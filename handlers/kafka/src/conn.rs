@@ -18,6 +18,7 @@
 //! are FIFO (tokio's semaphores are fair) and wake in order.
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -25,7 +26,7 @@ use std::time::Instant;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use handler_api::{Connection, HandlerError};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+use kafka_protocol::messages::{ApiKey, ProduceResponse, RequestHeader, RequestKind, ResponseKind};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::codec::{self, Parsed};
@@ -44,9 +45,22 @@ pub(crate) struct Session {
     pub(crate) client_host: String,
 }
 
+/// What answering a request asks of the connection.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// Write this response.
+    Send(ResponseKind),
+    /// Write nothing (a Produce with acks=0 that succeeded).
+    Nothing,
+    /// Write nothing and close the connection: a Produce with acks=0
+    /// failed. The client expects no response, so closing is how Kafka
+    /// tells it something went wrong (it then refreshes its metadata).
+    Close(String),
+}
+
 /// A pipelined request's answer: correlation id, API, version, when it was
-/// read, and the response (`None`: nothing is sent).
-type Answer = (i32, ApiKey, i16, Instant, Option<ResponseKind>);
+/// read, and what to do.
+type Answer = (i32, ApiKey, i16, Instant, Reply);
 type InFlight = FuturesOrdered<Pin<Box<dyn Future<Output = Answer> + Send>>>;
 
 pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), HandlerError> {
@@ -73,8 +87,13 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
             };
             let (header, api, body) = match codec::parse_request(frame) {
                 Parsed::Request { header, api, body } => (header, api, body),
-                Parsed::ApiVersionsTooNew { correlation_id } => {
-                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
+                Parsed::ApiVersionsUnsupported { correlation_id } => {
+                    if drain(&mut in_flight, &mut w, &mut out, &conn.shutdown)
+                        .await?
+                        .is_break()
+                    {
+                        return Ok(());
+                    }
                     w.write_all(&codec::encode_api_versions_fallback(correlation_id))
                         .await?;
                     continue;
@@ -91,7 +110,8 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                     );
                     metrics::counter!("manifold_kafka_protocol_errors_total", "kind" => "unsupported")
                         .increment(1);
-                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
+                    // Closing either way: earlier answers go out first.
+                    let _ = drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     return Ok(());
                 }
                 Parsed::Malformed {
@@ -103,7 +123,8 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                     tracing::warn!(api_key, api_version, %reason, "closing connection: malformed request");
                     metrics::counter!("manifold_kafka_protocol_errors_total", "kind" => "malformed")
                         .increment(1);
-                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
+                    // Closing either way: earlier answers go out first.
+                    let _ = drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     return Err(HandlerError::Protocol(reason));
                 }
             };
@@ -127,24 +148,31 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                 }
                 let state = state.clone();
                 in_flight.push_back(Box::pin(async move {
-                    let resp = crate::produce::produce(&state, req, version)
-                        .await
-                        .map(ResponseKind::Produce);
-                    (correlation_id, api, version, started, resp)
+                    let reply = produce_reply(crate::produce::produce(&state, req, version).await);
+                    (correlation_id, api, version, started, reply)
                 }));
                 continue;
             }
-            drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
-            let response = tokio::select! {
+            if drain(&mut in_flight, &mut w, &mut out, &conn.shutdown)
+                .await?
+                .is_break()
+            {
+                return Ok(());
+            }
+            let reply = tokio::select! {
                 r = handle(&state, &mut session, &header, *body) => r,
                 _ = conn.shutdown.cancelled() => return Ok(()),
             };
-            respond(
+            if respond(
                 &mut w,
                 &mut out,
-                (correlation_id, api, version, started, response),
+                (correlation_id, api, version, started, reply),
             )
-            .await?;
+            .await?
+            .is_break()
+            {
+                return Ok(());
+            }
         }
         if in_flight.len() >= MAX_IN_FLIGHT {
             // Full: read nothing more until the oldest answer is out.
@@ -153,18 +181,23 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
                 _ = conn.shutdown.cancelled() => return Ok(()),
             };
             if let Some(a) = answer {
-                respond(&mut w, &mut out, a).await?;
+                if respond(&mut w, &mut out, a).await?.is_break() {
+                    return Ok(());
+                }
             }
             continue;
         }
         tokio::select! {
             _ = conn.shutdown.cancelled() => return Ok(()),
             Some(a) = in_flight.next(), if !in_flight.is_empty() => {
-                respond(&mut w, &mut out, a).await?;
+                if respond(&mut w, &mut out, a).await?.is_break() {
+                    return Ok(());
+                }
             }
             n = r.read_buf(&mut buf) => {
                 if n? == 0 {
-                    drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
+                    // Closing either way: earlier answers go out first.
+                    let _ = drain(&mut in_flight, &mut w, &mut out, &conn.shutdown).await?;
                     return Ok(());
                 }
             }
@@ -173,35 +206,59 @@ pub(crate) async fn serve(state: Arc<State>, conn: Connection) -> Result<(), Han
 }
 
 /// Writes the answers of every in-flight request, in order.
+/// `Break`: the connection must close (an answer said so, or shutdown).
 async fn drain<W: AsyncWrite + Unpin>(
     in_flight: &mut InFlight,
     w: &mut W,
     out: &mut BytesMut,
     shutdown: &handler_api::CancellationToken,
-) -> Result<(), HandlerError> {
+) -> Result<ControlFlow<()>, HandlerError> {
     while !in_flight.is_empty() {
         let answer = tokio::select! {
             a = in_flight.next() => a,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(ControlFlow::Break(())),
         };
         match answer {
-            Some(a) => respond(w, out, a).await?,
+            Some(a) => {
+                if respond(w, out, a).await?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
             None => break,
         }
     }
-    Ok(())
+    Ok(ControlFlow::Continue(()))
+}
+
+/// A Produce outcome as a [`Reply`].
+fn produce_reply(r: Result<Option<ProduceResponse>, String>) -> Reply {
+    match r {
+        Ok(Some(resp)) => Reply::Send(ResponseKind::Produce(resp)),
+        Ok(None) => Reply::Nothing,
+        Err(why) => Reply::Close(why),
+    }
 }
 
 /// Records the request's duration and writes its response, if any.
+/// `Break`: the connection must close now (later answers are dropped, as
+/// when Kafka closes a connection).
 async fn respond<W: AsyncWrite + Unpin>(
     w: &mut W,
     out: &mut BytesMut,
-    (correlation_id, api, version, started, response): Answer,
-) -> Result<(), HandlerError> {
+    (correlation_id, api, version, started, reply): Answer,
+) -> Result<ControlFlow<()>, HandlerError> {
     metrics::histogram!("manifold_kafka_request_duration_seconds", "api" => codec::api_name(api))
         .record(started.elapsed().as_secs_f64());
-    let Some(response) = response else {
-        return Ok(());
+    let response = match reply {
+        Reply::Send(r) => r,
+        Reply::Nothing => return Ok(ControlFlow::Continue(())),
+        Reply::Close(why) => {
+            tracing::info!(correlation_id, errors = %why, "closing connection: a Produce with acks=0 failed");
+            metrics::counter!("manifold_kafka_protocol_errors_total", "kind" => "acks0_failed")
+                .increment(1);
+            w.flush().await?;
+            return Ok(ControlFlow::Break(()));
+        }
     };
     if let Err(e) = codec::encode_response_into(out, correlation_id, api, version, &response) {
         tracing::error!(error = %e, "could not encode a response; closing");
@@ -212,19 +269,18 @@ async fn respond<W: AsyncWrite + Unpin>(
         // A large Fetch response: do not keep its buffer while idle.
         *out = BytesMut::new();
     }
-    Ok(())
+    Ok(ControlFlow::Continue(()))
 }
 
-/// Answers one request. `None` means no response is sent (Produce with
-/// acks=0).
+/// Answers one request.
 async fn handle(
     state: &Arc<State>,
     session: &mut Session,
     header: &RequestHeader,
     body: RequestKind,
-) -> Option<ResponseKind> {
+) -> Reply {
     let v = header.request_api_version;
-    Some(match body {
+    Reply::Send(match body {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(codec::api_versions_body(0)),
         RequestKind::Metadata(r) => {
             ResponseKind::Metadata(crate::admin::metadata(state, r, v).await)
@@ -236,9 +292,7 @@ async fn handle(
             ResponseKind::FindCoordinator(crate::admin::find_coordinator(state, r, v))
         }
         RequestKind::Produce(r) => {
-            return crate::produce::produce(state, r, v)
-                .await
-                .map(ResponseKind::Produce)
+            return produce_reply(crate::produce::produce(state, r, v).await)
         }
         RequestKind::InitProducerId(r) => {
             ResponseKind::InitProducerId(crate::produce::init_producer_id(state, r))
@@ -299,7 +353,7 @@ async fn handle(
             // all of which are matched above.
             tracing::error!(api = ?ApiKey::try_from(header.request_api_key).ok(), "request kind without a handler");
             drop(other);
-            return None;
+            return Reply::Close("request kind without a handler".into());
         }
     })
 }

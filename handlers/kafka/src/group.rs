@@ -11,6 +11,13 @@
 //! SyncGroup carries every member's assignment; the assignors (eager or
 //! cooperative) run in the clients, as in Kafka.
 //!
+//! A new dynamic member joining with JoinGroup v4+ and an empty member id
+//! is first answered MEMBER_ID_REQUIRED with a generated id (KIP-394) and
+//! joins when it comes back with that id; until then the id is *pending*
+//! (it expires after the session timeout) and a rebalance in progress
+//! waits for it, as in Kafka. A client that gives up after the first
+//! answer therefore leaves no member behind to wait for.
+//!
 //! Static members (`group.instance.id`) keep their identity across
 //! restarts of the client: a rejoin with a known instance id replaces the
 //! old member id and, when nothing changed, gets the current assignment
@@ -112,6 +119,9 @@ struct Group {
     leader: Option<String>,
     /// In join order.
     members: Vec<Member>,
+    /// Member ids handed out with MEMBER_ID_REQUIRED, not joined yet, with
+    /// when they expire.
+    pending: HashMap<String, Instant>,
     /// Bumped at every new rebalance; timers of older ones do nothing.
     rebalance_seq: u64,
     not_before: Instant,
@@ -129,6 +139,7 @@ impl Group {
             protocol: None,
             leader: None,
             members: Vec::new(),
+            pending: HashMap::new(),
             rebalance_seq: 0,
             not_before: now,
             deadline: now,
@@ -141,6 +152,14 @@ impl Group {
 
     fn member_mut(&mut self, id: &str) -> Option<&mut Member> {
         self.members.iter_mut().find(|m| m.id == id)
+    }
+
+    /// Forgets pending member ids whose session timeout passed; returns
+    /// whether any was forgotten.
+    fn expire_pending(&mut self, now: Instant) -> bool {
+        let before = self.pending.len();
+        self.pending.retain(|_, expiry| *expiry > now);
+        before != self.pending.len()
     }
 
     fn by_instance(&self, instance: &str) -> Option<&Member> {
@@ -184,7 +203,10 @@ impl Group {
             return;
         }
         let now = Instant::now();
-        let all_joined = self.members.iter().all(|m| m.join_waiter.is_some());
+        self.expire_pending(now);
+        // Members that were told MEMBER_ID_REQUIRED are on their way back.
+        let all_joined =
+            self.members.iter().all(|m| m.join_waiter.is_some()) && self.pending.is_empty();
         let expired = now >= self.deadline;
         if !(expired || (all_joined && now >= self.not_before)) {
             return;
@@ -363,6 +385,9 @@ impl Coordinator {
                     let timer = {
                         let mut g = lock(&g);
                         let now = Instant::now();
+                        if g.expire_pending(now) {
+                            g.try_complete_join();
+                        }
                         let expired: Vec<String> = g
                             .members
                             .iter()
@@ -472,6 +497,12 @@ fn spawn_join_timer(g: Arc<Mutex<Group>>, seq: u64) {
     });
 }
 
+/// Most member ids one group hands out with MEMBER_ID_REQUIRED that are
+/// not back yet (each expires after its session timeout); past it a join
+/// gets GROUP_MAX_SIZE_REACHED, so a client looping on empty joins cannot
+/// grow the group without bound.
+const MAX_PENDING_MEMBERS: usize = 10_000;
+
 fn new_member_id(client_id: &str) -> String {
     format!("{client_id}-{}", uuid::Uuid::new_v4())
 }
@@ -542,8 +573,30 @@ pub(crate) async fn join_group(
         }
         let now = Instant::now();
         let mut static_fast_path = false;
-        if member_id.is_empty() {
-            member_id = new_member_id(&session.client_id);
+        // A member coming back with the id MEMBER_ID_REQUIRED gave it
+        // joins as a new member under that id.
+        let pending_return = !member_id.is_empty()
+            && gr.member(&member_id).is_none()
+            && gr
+                .pending
+                .remove(&member_id)
+                .is_some_and(|expiry| expiry > now);
+        if member_id.is_empty() || pending_return {
+            if member_id.is_empty() {
+                member_id = new_member_id(&session.client_id);
+                // KIP-394: from v4 a dynamic member first learns its id,
+                // then joins with it (a static member is known by its
+                // instance id already).
+                if version >= 4 && instance_id.is_none() {
+                    gr.expire_pending(now);
+                    if gr.pending.len() >= MAX_PENDING_MEMBERS {
+                        return join_error(ErrorCode::GroupMaxSizeReached, "");
+                    }
+                    let expiry = now + Duration::from_millis(req.session_timeout_ms as u64);
+                    gr.pending.insert(member_id.clone(), expiry);
+                    return join_error(ErrorCode::MemberIdRequired, &member_id);
+                }
+            }
             match known_instance {
                 Some(old) => {
                     // A static member restarted: it takes over its old

@@ -261,6 +261,11 @@ async fn produce_partition(
     let Some(records) = records else {
         return PartitionResult::err(ErrorCode::CorruptMessage, Some("null records".into()));
     };
+    if let Err(reason) = one_batch(&records) {
+        tracing::debug!(topic, partition, %reason, "rejected produce");
+        metrics::counter!("manifold_kafka_produce_rejected_batches_total").increment(1);
+        return PartitionResult::err(ErrorCode::InvalidRecord, Some(reason));
+    }
     let batches = match mapping::kafka::split_and_validate(&records) {
         Ok(b) => b,
         Err((code, reason)) => {
@@ -333,6 +338,30 @@ async fn produce_partition(
     }
 }
 
+/// Kafka's rule for Produce v3+: a partition's records are exactly one
+/// record batch (`INVALID_RECORD` otherwise, whatever the batches hold:
+/// the check is on framing, before any CRC). One batch is one ledger entry
+/// and one idempotent sequence range, so a second batch has nowhere to go.
+fn one_batch(records: &[u8]) -> Result<(), String> {
+    if records.is_empty() {
+        return Err("produce requests must carry one record batch per partition; got none".into());
+    }
+    // A header that does not parse, or a length beyond the bytes sent, is
+    // a corrupt batch: split_and_validate says so.
+    let Ok(h) = mapping::kafka::parse_batch_header(records) else {
+        return Ok(());
+    };
+    let len = h.total_len();
+    if len < records.len() {
+        return Err(format!(
+            "produce requests must carry exactly one record batch per partition; \
+             {} bytes follow the first batch of {len} bytes",
+            records.len() - len
+        ));
+    }
+    Ok(())
+}
+
 /// Loads the idempotence state of every partition of `req` that carries
 /// idempotent batches and has none loaded yet, so that [`produce`] decides
 /// on its batches without waiting (pipelined requests are then checked and
@@ -361,12 +390,15 @@ pub(crate) async fn prepare(state: &State, req: &ProduceRequest) {
     }
 }
 
-/// Handles Produce; `None` for acks=0 (no response is sent).
+/// Handles Produce: `Ok(Some)` is the response; with acks=0 no response
+/// is sent, `Ok(None)` when every partition succeeded and `Err` (naming
+/// the failures) when one failed, in which case the connection is closed,
+/// as Kafka does, so that a client expecting no answer notices.
 pub(crate) async fn produce(
     state: &Arc<State>,
     req: ProduceRequest,
     _version: i16,
-) -> Option<ProduceResponse> {
+) -> Result<Option<ProduceResponse>, String> {
     let acks = req.acks;
     let valid_acks = matches!(acks, -1..=1);
     let mut jobs = Vec::new();
@@ -390,7 +422,16 @@ pub(crate) async fn produce(
     // share fsyncs.
     let results = futures_util::future::join_all(jobs).await;
     if acks == 0 {
-        return None;
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|(_, _, r)| r.error != ErrorCode::None)
+            .map(|(t, p, r)| format!("{t}-{p}: {:?}", r.error))
+            .collect();
+        return if failed.is_empty() {
+            Ok(None)
+        } else {
+            Err(failed.join(", "))
+        };
     }
     let mut topics: Vec<TopicProduceResponse> = Vec::new();
     for (topic, partition, r) in results {
@@ -410,7 +451,7 @@ pub(crate) async fn produce(
             ),
         }
     }
-    Some(ProduceResponse::default().with_responses(topics))
+    Ok(Some(ProduceResponse::default().with_responses(topics)))
 }
 
 /// InitProducerId: a new producer id (epoch 0), or the next epoch of the
