@@ -13,6 +13,11 @@
 //! A consumer group `g` commits its offsets as the durable cursor
 //! `kafka.<g>` of each partition ledger ([`group_cursor_name`]); the
 //! commit's metadata string is the cursor property `kafka.metadata`.
+//! The cursor cannot stand outside the ledger (it is clamped to
+//! `[start, end]`), but Kafka stores a committed offset exactly as given,
+//! even below the log start or past the end: the offset as committed is
+//! kept in the property `kafka.offset` and reported while the cursor has
+//! not been moved by anything but that clamping ([`reported_commit`]).
 //!
 //! # Record batches
 //!
@@ -186,6 +191,42 @@ pub const GROUP_CURSOR_PREFIX: &str = "kafka.";
 
 /// Cursor property holding the metadata string of the last offset commit.
 pub const COMMIT_METADATA_PROPERTY: &str = "kafka.metadata";
+
+/// Cursor property holding the last offset commit exactly as sent, with
+/// the cursor position it produced: `"<committed> <mark-delete>"`.
+pub const COMMIT_OFFSET_PROPERTY: &str = "kafka.offset";
+
+/// The [`COMMIT_OFFSET_PROPERTY`] value for a commit of `committed` that
+/// left the cursor at `mark_delete`.
+pub fn commit_offset_property(committed: u64, mark_delete: u64) -> String {
+    format!("{committed} {mark_delete}")
+}
+
+/// The committed offset to report for a group cursor now at
+/// `mark_delete` on a ledger starting at `start`, given its
+/// [`COMMIT_OFFSET_PROPERTY`].
+///
+/// The offset as committed is reported while the cursor is where that
+/// commit left it, or has only been pulled up to a later log start
+/// (retention or DeleteRecords trimmed past it): then the client sees what
+/// it committed, as in Kafka, and its fetch there is OFFSET_OUT_OF_RANGE,
+/// which applies its `auto.offset.reset`. If anything else moved the
+/// cursor, or the property is missing or unreadable, the cursor's position
+/// is the commit.
+pub fn reported_commit(property: Option<&str>, mark_delete: u64, start: u64) -> u64 {
+    let parsed = property.and_then(|p| {
+        let (c, m) = p.split_once(' ')?;
+        Some((c.parse::<u64>().ok()?, m.parse::<u64>().ok()?))
+    });
+    match parsed {
+        Some((committed, at))
+            if mark_delete == at || (at < mark_delete && mark_delete <= start) =>
+        {
+            committed
+        }
+        _ => mark_delete,
+    }
+}
 
 // ---------------------------------------------------------------------
 // Record batch v2
@@ -833,6 +874,29 @@ mod tests {
         assert_eq!(v[0].header.records_count, 2);
         assert_eq!(v[0].header.max_timestamp, 1005);
         assert_eq!(batch_to_messages(&b).unwrap(), msgs);
+    }
+
+    #[test]
+    fn commits_outside_the_ledger_are_reported_as_sent() {
+        // Committed 5 on a ledger starting at 10: the cursor sits at 10.
+        let p = commit_offset_property(5, 10);
+        assert_eq!(reported_commit(Some(&p), 10, 10), 5);
+        // The log start moved on and pulled the cursor along: still 5.
+        assert_eq!(reported_commit(Some(&p), 20, 20), 5);
+        // Committed 1000 past an end of 50.
+        let p = commit_offset_property(1000, 50);
+        assert_eq!(reported_commit(Some(&p), 50, 0), 1000);
+        // Inside the ledger the two agree.
+        let p = commit_offset_property(7, 7);
+        assert_eq!(reported_commit(Some(&p), 7, 0), 7);
+        // Moved by something else (forward past the start, or back): the
+        // cursor is the commit.
+        assert_eq!(reported_commit(Some(&p), 9, 0), 9);
+        assert_eq!(reported_commit(Some(&p), 3, 0), 3);
+        // No property (commits from before it existed) or garbage.
+        assert_eq!(reported_commit(None, 4, 0), 4);
+        assert_eq!(reported_commit(Some("x y"), 4, 0), 4);
+        assert_eq!(reported_commit(Some("12"), 4, 0), 4);
     }
 
     #[test]

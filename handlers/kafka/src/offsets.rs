@@ -7,6 +7,10 @@
 //! backlog the admin API shows, but does not hold back retention (as in
 //! Kafka, data expires by the topic's policy whether a group read it or
 //! not). A commit is persisted to disk before it is acknowledged.
+//!
+//! Kafka stores a committed offset as given, even outside the log; the
+//! cursor cannot point there, so the offset as sent is kept beside it
+//! (`mapping::kafka::reported_commit`) and OffsetFetch answers it.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -34,7 +38,10 @@ use kafka_protocol::messages::{
     OffsetForLeaderEpochRequest, OffsetForLeaderEpochResponse,
 };
 use kafka_protocol::protocol::StrBytes;
-use mapping::kafka::{group_cursor_name, ErrorCode, COMMIT_METADATA_PROPERTY};
+use mapping::kafka::{
+    commit_offset_property, group_cursor_name, reported_commit, ErrorCode,
+    COMMIT_METADATA_PROPERTY, COMMIT_OFFSET_PROPERTY,
+};
 
 use crate::state::State;
 
@@ -229,7 +236,12 @@ pub(crate) async fn offset_commit(
                     )
                     .await
                     .map_err(|e| ErrorCode::from_broker(&e))?;
-                l.seek(&c, p.committed_offset as u64);
+                let committed = p.committed_offset as u64;
+                l.seek(&c, committed);
+                c.set_property(
+                    COMMIT_OFFSET_PROPERTY,
+                    &commit_offset_property(committed, c.mark_delete()),
+                );
                 c.set_property(
                     COMMIT_METADATA_PROPERTY,
                     p.committed_metadata.as_ref().map_or("", |m| m.as_str()),
@@ -310,7 +322,11 @@ fn committed(
                         Err(e) => Err(e),
                         Ok(l) => Ok(match l.cursor(&cursor_name) {
                             Some(c) => (
-                                c.mark_delete() as i64,
+                                reported_commit(
+                                    c.property(COMMIT_OFFSET_PROPERTY).as_deref(),
+                                    c.mark_delete(),
+                                    l.start_offset(),
+                                ) as i64,
                                 c.property(COMMIT_METADATA_PROPERTY).unwrap_or_default(),
                             ),
                             None => (-1, String::new()),
