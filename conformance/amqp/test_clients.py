@@ -12,6 +12,17 @@ import pytest
 from conftest import params
 
 
+def run_ioloop(conn, timeout=20):
+    """Runs a SelectConnection's ioloop until the test's callbacks stop it,
+    or for at most `timeout` seconds."""
+    timer = threading.Timer(timeout, lambda: conn.ioloop.add_callback_threadsafe(conn.ioloop.stop))
+    timer.start()
+    try:
+        conn.ioloop.start()
+    finally:
+        timer.cancel()
+
+
 def test_select_connection_publish_confirm_consume(gw):
     state = {"acked": 0, "got": [], "error": None}
     n = 100
@@ -47,12 +58,7 @@ def test_select_connection_publish_confirm_consume(gw):
     conn = pika.SelectConnection(params(gw.port("amqp")), on_open_callback=on_open,
                                  on_open_error_callback=lambda c, e: state.update(error=e),
                                  on_close_callback=lambda c, e: c.ioloop.stop())
-    timer = threading.Timer(20, lambda: conn.ioloop.add_callback_threadsafe(conn.ioloop.stop))
-    timer.start()
-    try:
-        conn.ioloop.start()
-    finally:
-        timer.cancel()
+    run_ioloop(conn)
     assert state["error"] is None
     assert state["acked"] == n
     assert state["got"] == list(range(n))
@@ -125,12 +131,7 @@ def test_select_connection_confirms_nacks_and_acks(gw):
     conn = pika.SelectConnection(params(gw.port("amqp")), on_open_callback=on_open,
                                  on_open_error_callback=lambda c, e: st.update(error=e),
                                  on_close_callback=lambda c, e: c.ioloop.stop())
-    timer = threading.Timer(20, lambda: conn.ioloop.add_callback_threadsafe(conn.ioloop.stop))
-    timer.start()
-    try:
-        conn.ioloop.start()
-    finally:
-        timer.cancel()
+    run_ioloop(conn)
     assert st["error"] is None
     # The first `limit` publishes were stored, the rest refused.
     assert st["acked"] == set(range(1, limit + 1))

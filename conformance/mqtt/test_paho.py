@@ -325,6 +325,20 @@ def test_v5_will_delay_cancelled_by_reconnect(gw, uniq):
     watcher.close()
 
 
+def watched_delayed_will(port, uniq, delay, payload):
+    """A watcher subscribed to `<uniq>/will`, and a persistent MQTT 5
+    client `<uniq>-c` (session expiry 300 s, no automatic reconnects) whose
+    will on that topic has a delay of `delay` seconds."""
+    watcher = Client(port, f"{uniq}-w", V5).connect()
+    watcher.sub(f"{uniq}/will", qos=1)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = delay
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", payload, 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    return watcher, c
+
+
 @pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
 def test_v5_clean_start_ends_the_session_and_sends_a_delayed_will(gw, uniq, online):
     """MQTT 5 3.1.2.5: a delayed will is published when its delay passes or
@@ -333,13 +347,7 @@ def test_v5_clean_start_ends_the_session_and_sends_a_delayed_will(gw, uniq, onli
     whether the first connection had already dropped or was still online
     (taken over)."""
     port = gw.port("mqtt")
-    watcher = Client(port, f"{uniq}-w", V5).connect()
-    watcher.sub(f"{uniq}/will", qos=1)
-    wp = Properties(PacketTypes.WILLMESSAGE)
-    wp.WillDelayInterval = 30
-    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
-               will=(f"{uniq}/will", b"ended", 1, False, wp)).connect()
-    c.c.reconnect_delay_set(60, 120)
+    watcher, c = watched_delayed_will(port, uniq, 30, b"ended")
     if not online:
         c.drop()
         watcher.nothing(0.8)  # delay 30 s: not yet
@@ -356,13 +364,7 @@ def test_v5_resuming_the_session_cancels_a_delayed_will_of_a_taken_over_connecti
     """Taken over by a connection that resumes the session (clean start 0):
     the session goes on, so the old connection's delayed will is not sent."""
     port = gw.port("mqtt")
-    watcher = Client(port, f"{uniq}-w", V5).connect()
-    watcher.sub(f"{uniq}/will", qos=1)
-    wp = Properties(PacketTypes.WILLMESSAGE)
-    wp.WillDelayInterval = 2
-    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
-               will=(f"{uniq}/will", b"not-sent", 1, False, wp)).connect()
-    c.c.reconnect_delay_set(60, 120)
+    watcher, c = watched_delayed_will(port, uniq, 2, b"not-sent")
     c2 = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300).connect()
     assert c.disconnected.wait(5)
     watcher.nothing(3.0)

@@ -233,19 +233,10 @@ impl Shared {
         if live || self.held_offline(filter) {
             return;
         }
-        let cname = map::shared_cursor_name(name, f);
-        for k in self.known_topics() {
-            if !map::topic_matches(f, &k.mqtt) {
-                continue;
-            }
-            for p in 0..k.partitions {
-                if let Ok(l) = self.broker.ledger(&k.name, p) {
-                    if l.cursor(&cname).is_some() {
-                        let _ = l.delete_cursor(&cname).await;
-                    }
-                }
-            }
-        }
+        self.delete_cursor_on_topics(&map::shared_cursor_name(name, f), |k| {
+            map::topic_matches(f, &k.mqtt)
+        })
+        .await;
     }
 
     /// Whether a stored (offline) session subscribes to `filter`.

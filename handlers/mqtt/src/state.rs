@@ -86,7 +86,6 @@ pub(crate) struct Session {
 pub(crate) struct Online {
     pub(crate) conn_id: u64,
     pub(crate) kick: CancellationToken,
-    /// Closed when the connection has put the session back.
     /// Cancelled when the connection has released the session.
     pub(crate) gone: CancellationToken,
     /// The connection asked for a clean start: the session it took over
@@ -465,12 +464,22 @@ impl Shared {
     /// Deletes a session's record and every cursor it holds.
     pub(crate) async fn delete_session_state(&self, client_id: &str) {
         let _ = self.sessions_ledger.delete_cursor(client_id).await;
-        let cname = map::session_cursor_name(client_id);
-        for k in self.known_topics() {
+        self.delete_cursor_on_topics(&map::session_cursor_name(client_id), |_| true)
+            .await;
+    }
+
+    /// Deletes the cursor `name` from every partition of the known topics
+    /// that `which` selects.
+    pub(crate) async fn delete_cursor_on_topics(
+        &self,
+        name: &str,
+        which: impl Fn(&KnownTopic) -> bool,
+    ) {
+        for k in self.known_topics().iter().filter(|k| which(k)) {
             for p in 0..k.partitions {
                 if let Ok(l) = self.broker.ledger(&k.name, p) {
-                    if l.cursor(&cname).is_some() {
-                        let _ = l.delete_cursor(&cname).await;
+                    if l.cursor(name).is_some() {
+                        let _ = l.delete_cursor(name).await;
                     }
                 }
             }
