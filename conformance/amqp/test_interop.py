@@ -98,3 +98,209 @@ def test_mqtt_to_amqp_and_back(multi):
     bodies = [amqp_get(ch, "interop.m")[2] for _ in range(2)]
     assert bodies == [b"amqp-to-mqtt", b"mqtt-to-amqp"]
     c.close()
+
+
+# ---- AMQP properties <-> MQTT 5 properties (mapping::interop) ----
+
+class V5:
+    """A paho MQTT 5 client with its loop in a thread and a queue of what it
+    received."""
+
+    def __init__(self, port, client_id, clean=True, session_expiry=None):
+        import queue as _queue
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+        self.mqtt, self.PacketTypes, self.Properties = mqtt, PacketTypes, Properties
+        self.port, self.clean, self.session_expiry = port, clean, session_expiry
+        self.messages = _queue.Queue()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda cl, u, m: self.messages.put(m)
+        self.subacks = _queue.Queue()
+        self.c.on_subscribe = lambda cl, u, mid, rcs, props: self.subacks.put(rcs)
+
+    def connect(self):
+        props = None
+        if self.session_expiry is not None:
+            props = self.Properties(self.PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry
+        self.c.connect("127.0.0.1", self.port, clean_start=self.clean, properties=props)
+        self.c.loop_start()
+        return self
+
+    def sub(self, topic):
+        self.c.subscribe(topic, qos=1)
+        rcs = self.subacks.get(timeout=10)
+        assert [rc.value for rc in rcs] == [1], rcs
+
+    def pub(self, topic, payload, **props):
+        p = self.Properties(self.PacketTypes.PUBLISH)
+        for k, v in props.items():
+            setattr(p, k, v)
+        self.c.publish(topic, payload, qos=1, properties=p).wait_for_publish(10)
+
+    def get(self, timeout=10):
+        return self.messages.get(timeout=timeout)
+
+    def nothing(self, wait=1.0):
+        import queue as _queue
+        try:
+            m = self.messages.get(timeout=wait)
+        except _queue.Empty:
+            return
+        raise AssertionError(f"unexpected message {m.topic} {m.payload!r}")
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def props_of(m):
+    """The v5 properties of a received message, as a dict of what is set."""
+    p = m.properties
+    return {k: getattr(p, k) for k in ("ContentType", "CorrelationData", "ResponseTopic",
+                                       "MessageExpiryInterval", "UserProperty")
+            if hasattr(p, k)}
+
+
+def test_amqp_properties_reach_mqtt5_subscriber(multi):
+    """content_type -> Content Type, correlation_id -> Correlation Data,
+    reply_to `a.b` -> Response Topic `a/b`, expiration (ms) -> Message Expiry
+    Interval (s, what is left)."""
+    pytest.importorskip("paho.mqtt.client")
+    c = pika.BlockingConnection(params(multi.port("amqp")))
+    ch = c.channel()
+    ch.confirm_delivery()
+    ch.queue_declare("interop.props-a", durable=True)
+    sub = V5(multi.port("mqtt"), "props-a-sub").connect()
+    sub.sub("interop/props-a")
+    ch.basic_publish("", "interop.props-a", b'{"q":1}',
+                     pika.BasicProperties(content_type="application/json", correlation_id="corr-1",
+                                          reply_to="rpc.replies.c1", expiration="60000",
+                                          headers={"tenant": "acme"}))
+    m = sub.get()
+    assert (m.topic, m.payload) == ("interop/props-a", b'{"q":1}')
+    assert props_of(m) == {
+        "ContentType": "application/json",
+        "CorrelationData": b"corr-1",
+        "ResponseTopic": "rpc/replies/c1",
+        "MessageExpiryInterval": 60,
+        # The properties are not repeated as user properties.
+        "UserProperty": [("amqp.exchange", ""), ("amqp.routing-key", "interop.props-a"),
+                         ("tenant", "acme")],
+    }
+    sub.close()
+    c.close()
+
+
+def test_mqtt5_properties_reach_amqp_consumer(multi):
+    """Content Type -> content_type, Correlation Data -> correlation_id (or
+    the `x-correlation-id` header when it is not a short string), Response
+    Topic `a/b` -> reply_to `a.b`, Message Expiry Interval (s) -> expiration
+    (ms, as published)."""
+    pytest.importorskip("paho.mqtt.client")
+    c = pika.BlockingConnection(params(multi.port("amqp")))
+    ch = c.channel()
+    ch.queue_declare("interop.props-m", durable=True)
+    pub = V5(multi.port("mqtt"), "props-m-pub").connect()
+    pub.pub("interop/props-m", b"one", ContentType="text/plain", CorrelationData=b"corr-2",
+            ResponseTopic="clients/c1/reply", MessageExpiryInterval=60)
+    pub.pub("interop/props-m", b"two", CorrelationData=b"\x00\xffbin")
+    pub.close()
+    m, p, b = amqp_get(ch, "interop.props-m")
+    assert b == b"one"
+    assert (p.content_type, p.correlation_id, p.reply_to, p.expiration) == \
+        ("text/plain", "corr-2", "clients.c1.reply", "60000")
+    # The MQTT headers that became properties are not in the table.
+    assert p.headers == {"mqtt.topic": "interop/props-m", "mqtt.qos": "1",
+                         "mqtt.client-id": "props-m-pub"}
+    m, p, b = amqp_get(ch, "interop.props-m")
+    assert b == b"two"
+    assert p.correlation_id is None and p.content_type is None and p.expiration is None
+    assert p.headers["x-correlation-id"] == b"\x00\xffbin"
+    assert "mqtt.correlation-data" not in p.headers
+    c.close()
+
+
+def test_expired_messages_are_delivered_by_neither_protocol(multi):
+    """An AMQP expiration expires the message for an MQTT session, and an MQTT
+    Message Expiry Interval expires it in an AMQP queue."""
+    pytest.importorskip("paho.mqtt.client")
+    port = multi.port("mqtt")
+    c = pika.BlockingConnection(params(multi.port("amqp")))
+    ch = c.channel()
+    ch.confirm_delivery()
+    # AMQP -> an offline persistent MQTT session.
+    ch.queue_declare("interop.exp-a", durable=True)
+    s = V5(port, "exp-a-sub", clean=True, session_expiry=300).connect()
+    s.sub("interop/exp-a")
+    s.close()
+    ch.basic_publish("", "interop.exp-a", b"short", pika.BasicProperties(expiration="500"))
+    ch.basic_publish("", "interop.exp-a", b"long", pika.BasicProperties(expiration="60000"))
+    # MQTT -> an AMQP queue.
+    ch.queue_declare("interop.exp-m", durable=True)
+    pub = V5(port, "exp-m-pub").connect()
+    pub.pub("interop/exp-m", b"short", MessageExpiryInterval=1)
+    pub.pub("interop/exp-m", b"long", MessageExpiryInterval=60)
+    pub.close()
+    time.sleep(2.2)
+    s = V5(port, "exp-a-sub", clean=False, session_expiry=300).connect()
+    m = s.get()
+    assert m.payload == b"long"
+    # 60 s, published a little over 2.2 s ago: what is left, rounded up.
+    assert m.properties.MessageExpiryInterval in (57, 58)
+    s.nothing()
+    s.close()
+    m, p, b = amqp_get(ch, "interop.exp-m")
+    assert b == b"long" and p.expiration == "60000"
+    assert ch.basic_get("interop.exp-m", auto_ack=True)[0] is None
+    c.close()
+
+
+def test_request_reply_across_protocols(multi):
+    """An AMQP requester and an MQTT responder, then an MQTT requester and an
+    AMQP responder, each answering to the reply address and with the
+    correlation it was given."""
+    pytest.importorskip("paho.mqtt.client")
+    port = multi.port("mqtt")
+    c = pika.BlockingConnection(params(multi.port("amqp")))
+    ch = c.channel()
+    ch.confirm_delivery()
+    # AMQP requester -> MQTT responder -> the AMQP reply queue.
+    ch.queue_declare("interop.rpc-req", durable=True)
+    ch.queue_declare("interop.rpc-replies", durable=True)
+    responder = V5(port, "rpc-responder").connect()
+    responder.sub("interop/rpc-req")
+    ch.basic_publish("", "interop.rpc-req", b"ping",
+                     pika.BasicProperties(reply_to="interop.rpc-replies", correlation_id="r-1"))
+    req = responder.get()
+    assert req.properties.ResponseTopic == "interop/rpc-replies"
+    responder.pub(req.properties.ResponseTopic, b"pong",
+                  CorrelationData=req.properties.CorrelationData)
+    m, p, b = amqp_get(ch, "interop.rpc-replies")
+    assert (b, p.correlation_id) == (b"pong", "r-1")
+    responder.close()
+    # MQTT requester (binary correlation data) -> AMQP responder -> the MQTT
+    # response topic. The default exchange routes to queues only, so the
+    # reply address needs a queue of its name for the AMQP reply.
+    ch.queue_declare("interop.rpc-in", durable=True)
+    ch.queue_declare("interop.rpc-out.c2", durable=True)
+    requester = V5(port, "rpc-requester").connect()
+    requester.sub("interop/rpc-out/c2")
+    requester.pub("interop/rpc-in", b"ping", ResponseTopic="interop/rpc-out/c2",
+                  CorrelationData=b"\x00\xffbin")
+    m, p, b = amqp_get(ch, "interop.rpc-in")
+    assert p.reply_to == "interop.rpc-out.c2"
+    # Not UTF-8: not a correlation-id, a header (a byte array when pika
+    # sends it back).
+    assert p.correlation_id is None
+    corr = p.headers["x-correlation-id"]
+    assert corr == b"\x00\xffbin"
+    ch.basic_publish("", p.reply_to, b"pong",
+                     pika.BasicProperties(headers={"x-correlation-id": corr}))
+    r = requester.get()
+    assert (r.topic, r.payload) == ("interop/rpc-out/c2", b"pong")
+    assert r.properties.CorrelationData == b"\x00\xffbin"
+    requester.close()
+    c.close()

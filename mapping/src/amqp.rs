@@ -29,14 +29,33 @@
 //! payload, the routing key is the key (so Kafka consumers see it as the
 //! record key), and the exchange and every content property travel as
 //! headers named below. User headers of the `headers` property whose value
-//! is a string are also copied as plain headers (name unchanged), so other
-//! protocols see them; the complete table, with its value types, travels
-//! encoded in [`H_HEADERS`] so AMQP consumers get it back exactly.
+//! is a long string or a byte array are also copied as plain headers (name
+//! unchanged), so other protocols see them, except names starting with
+//! `amqp.` or `mqtt.`: those are the handlers' own (a table an AMQP
+//! consumer got from an MQTT message holds `mqtt.topic`; republished, it
+//! must not make the message look MQTT's, for an old topic). The complete
+//! table, with its value types, travels encoded in [`H_HEADERS`] so AMQP
+//! consumers get it back exactly.
 //!
 //! A message written by another protocol (no [`H_HEADERS`]) is delivered
 //! to AMQP consumers with its headers as a `headers` table of long
 //! strings, its key as the routing key (the queue name if it has none),
 //! and the exchange `""`.
+//!
+//! A message the AMQP handler did not write (it has no [`H_EXCHANGE`])
+//! gets MQTT 5 properties as AMQP properties; the header a property is
+//! made of is then not in the `headers` table (the rule and its reasons:
+//! [`crate::interop`]):
+//!
+//! | MQTT header | AMQP property |
+//! |-------------|---------------|
+//! | `content-type` | content-type, if at most 255 bytes (else it stays a header) |
+//! | `mqtt.correlation-data` | correlation-id if UTF-8 of at most 255 bytes; else the header `x-correlation-id` (long string, the bytes unchanged) |
+//! | `mqtt.response-topic` `t` | reply-to: the broker topic name of `t`, `a/b` -> `a.b` ([`crate::interop::reply_to_for_response_topic`]) |
+//! | `mqtt.expires-at` (deadline, ms) | expiration: deadline - `publish_time`, in ms (the interval as published); the queue expires the message at that deadline |
+//!
+//! Where those are absent, the `amqp.*` headers below are read, as for any
+//! message.
 //!
 //! | AMQP                  | message header          | value |
 //! |-----------------------|-------------------------|-------|
@@ -60,6 +79,9 @@
 use broker::{BrokerError, Message, NamespaceName, TopicName};
 use bytes::Bytes;
 
+use crate::interop::{self, as_shortstr};
+use crate::mqtt;
+
 /// Name of the durable cursor that is an AMQP queue's consumption state.
 pub const QUEUE_CURSOR: &str = "amqp";
 
@@ -69,6 +91,15 @@ pub const H_EXCHANGE: &str = "amqp.exchange";
 pub const H_ROUTING_KEY: &str = "amqp.routing-key";
 /// Header carrying the encoded `headers` field table.
 pub const H_HEADERS: &str = "amqp.headers";
+/// Header carrying the content-type property.
+pub const H_CONTENT_TYPE: &str = "amqp.content-type";
+/// Header carrying the correlation-id property.
+pub const H_CORRELATION_ID: &str = "amqp.correlation-id";
+/// Header carrying the reply-to property.
+pub const H_REPLY_TO: &str = "amqp.reply-to";
+/// Header carrying the expiration property (decimal ms, counted from the
+/// message's `publish_time`).
+pub const H_EXPIRATION: &str = "amqp.expiration";
 /// Prefix of every AMQP header.
 pub const H_PREFIX: &str = "amqp.";
 
@@ -262,8 +293,8 @@ pub struct AmqpProperties {
     pub content_encoding: Option<String>,
     /// The `headers` table in its AMQP encoding (length prefix included).
     pub headers_table: Option<Bytes>,
-    /// Entries of the `headers` table that have a string value, exported
-    /// as plain headers for other protocols.
+    /// Entries of the `headers` table that have a long string or byte
+    /// array value, exported as plain headers for other protocols.
     pub string_headers: Vec<(String, Bytes)>,
     pub delivery_mode: Option<u8>,
     pub priority: Option<u8>,
@@ -303,11 +334,11 @@ pub fn to_message(m: &AmqpMessage, now_ms: i64) -> Message {
             h.push((name.into(), s(v)));
         }
     };
-    opt("amqp.content-type", &p.content_type);
+    opt(H_CONTENT_TYPE, &p.content_type);
     opt("amqp.content-encoding", &p.content_encoding);
-    opt("amqp.correlation-id", &p.correlation_id);
-    opt("amqp.reply-to", &p.reply_to);
-    opt("amqp.expiration", &p.expiration);
+    opt(H_CORRELATION_ID, &p.correlation_id);
+    opt(H_REPLY_TO, &p.reply_to);
+    opt(H_EXPIRATION, &p.expiration);
     opt("amqp.message-id", &p.message_id);
     opt("amqp.type", &p.kind);
     opt("amqp.user-id", &p.user_id);
@@ -326,7 +357,7 @@ pub fn to_message(m: &AmqpMessage, now_ms: i64) -> Message {
         h.push((H_HEADERS.into(), t.clone()));
     }
     for (n, v) in &p.string_headers {
-        if !n.starts_with(H_PREFIX) {
+        if !n.starts_with(H_PREFIX) && !n.starts_with(mqtt::RESERVED_PREFIX) {
             h.push((n.clone(), v.clone()));
         }
     }
@@ -344,6 +375,54 @@ pub fn to_message(m: &AmqpMessage, now_ms: i64) -> Message {
     }
 }
 
+/// The AMQP properties of a message another protocol wrote, read from its
+/// MQTT 5 headers (see [`crate::interop`]), the headers they came from,
+/// and headers to add to the `headers` table.
+#[derive(Default)]
+struct FromMqtt {
+    content_type: Option<String>,
+    correlation_id: Option<String>,
+    reply_to: Option<String>,
+    expiration: Option<String>,
+    used: Vec<&'static str>,
+    extra: Vec<(String, Bytes)>,
+}
+
+fn from_mqtt(m: &Message) -> FromMqtt {
+    let mut f = FromMqtt::default();
+    if let Some(ct) = m.header(mqtt::H_CONTENT_TYPE).and_then(|v| as_shortstr(v)) {
+        f.content_type = Some(ct.to_owned());
+        f.used.push(mqtt::H_CONTENT_TYPE);
+    }
+    if let Some(c) = m.header(mqtt::H_CORRELATION_DATA) {
+        if let Some(id) = as_shortstr(c) {
+            f.correlation_id = Some(id.to_owned());
+            f.used.push(mqtt::H_CORRELATION_DATA);
+        } else if m.header(interop::H_X_CORRELATION_ID).is_none() {
+            f.extra
+                .push((interop::H_X_CORRELATION_ID.to_owned(), c.clone()));
+            f.used.push(mqtt::H_CORRELATION_DATA);
+        }
+    }
+    if let Some(t) = m
+        .header(mqtt::H_RESPONSE_TOPIC)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .filter(|t| !t.is_empty())
+    {
+        f.reply_to = Some(interop::reply_to_for_response_topic(t));
+        f.used.push(mqtt::H_RESPONSE_TOPIC);
+    }
+    if let Some(at) = m
+        .header(mqtt::H_EXPIRES_AT)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        f.expiration = Some(at.saturating_sub(m.publish_time).max(0).to_string());
+        f.used.push(mqtt::H_EXPIRES_AT);
+    }
+    f
+}
+
 /// The AMQP view of a stored message of any protocol; `queue` is the
 /// routing key used when the message has none.
 pub fn from_message(m: &Message, queue: &str) -> AmqpMessage {
@@ -352,6 +431,11 @@ pub fn from_message(m: &Message, queue: &str) -> AmqpMessage {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let num = |name: &str| text(name).and_then(|v| v.parse::<u64>().ok());
+    let foreign = if m.header(H_EXCHANGE).is_some() {
+        FromMqtt::default()
+    } else {
+        from_mqtt(m)
+    };
     let routing_key = text(H_ROUTING_KEY)
         .or_else(|| {
             m.key
@@ -365,23 +449,24 @@ pub fn from_message(m: &Message, queue: &str) -> AmqpMessage {
     } else {
         m.headers
             .iter()
-            .filter(|(n, _)| !n.starts_with(H_PREFIX))
+            .filter(|(n, _)| !n.starts_with(H_PREFIX) && !foreign.used.contains(&n.as_str()))
             .cloned()
+            .chain(foreign.extra)
             .collect()
     };
     AmqpMessage {
         exchange: text(H_EXCHANGE).unwrap_or_default(),
         routing_key,
         properties: AmqpProperties {
-            content_type: text("amqp.content-type"),
+            content_type: foreign.content_type.or_else(|| text(H_CONTENT_TYPE)),
             content_encoding: text("amqp.content-encoding"),
             headers_table,
             string_headers,
             delivery_mode: num("amqp.delivery-mode").map(|v| v as u8),
             priority: num("amqp.priority").map(|v| v as u8),
-            correlation_id: text("amqp.correlation-id"),
-            reply_to: text("amqp.reply-to"),
-            expiration: text("amqp.expiration"),
+            correlation_id: foreign.correlation_id.or_else(|| text(H_CORRELATION_ID)),
+            reply_to: foreign.reply_to.or_else(|| text(H_REPLY_TO)),
+            expiration: foreign.expiration.or_else(|| text(H_EXPIRATION)),
             message_id: text("amqp.message-id"),
             timestamp: num("amqp.timestamp"),
             kind: text("amqp.type"),

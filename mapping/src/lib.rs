@@ -11,9 +11,13 @@
 //! some [`EntryFormat`]; any handler reads any entry through
 //! [`entry_messages`], and writes its own protocol's view of a message from
 //! the [`Message`] fields. Protocol-specific properties travel as headers
-//! (see each protocol module for its header names).
+//! (see each protocol module for its header names); the AMQP 0-9-1 and
+//! MQTT 5 properties that mean the same thing (content type, correlation,
+//! reply address, expiry) are read across protocols by the rule in
+//! [`interop`].
 
 pub mod amqp;
+pub mod interop;
 pub mod kafka;
 pub mod mqtt;
 pub mod names;

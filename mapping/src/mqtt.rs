@@ -49,20 +49,37 @@
 //! | RETAIN | header [`H_RETAIN`] = `"1"` |
 //! | publishing client id (for no-local) | header [`H_CLIENT_ID`] |
 //! | v5 payload format indicator | header [`H_PAYLOAD_FORMAT`] (`"1"` = UTF-8) |
-//! | v5 message expiry interval | header [`H_EXPIRES_AT`]: absolute deadline, ms since the epoch |
-//! | v5 content type | header `content-type` |
+//! | v5 message expiry interval | header [`H_EXPIRES_AT`]: absolute deadline, ms since the epoch (a subscriber gets what is left, in seconds rounded up; an expired message is not delivered) |
+//! | v5 content type | header `content-type` (a neutral name: a Kafka record's `content-type` header is a Content Type too) |
 //! | v5 response topic | header [`H_RESPONSE_TOPIC`] |
 //! | v5 correlation data | header [`H_CORRELATION_DATA`] |
 //! | v5 user property `(n, v)` | header `(n, v)`; a name starting with `mqtt.` is stored as `mqtt.user.<n>` |
 //! | — | `publish_time` = time of acceptance |
 //!
 //! A message from another protocol delivered to MQTT gets its headers that
-//! do not start with `mqtt.` and whose values are UTF-8 as v5 user
-//! properties (a v3 client gets the payload only).
+//! do not start with `mqtt.` and whose names and values are UTF-8 without
+//! U+0000 as v5 user properties (a v3 client gets the payload only),
+//! except the AMQP headers that become v5 properties (below) and
+//! `amqp.headers` (an encoded AMQP table; its string entries are plain
+//! headers already).
+//!
+//! A message MQTT did not write (it has no [`H_TOPIC`]; e.g. an AMQP one)
+//! gets its AMQP properties as v5 properties, before any MQTT header of
+//! the same meaning it carries (the rule and its reasons:
+//! [`crate::interop`]):
+//!
+//! | AMQP header | v5 property |
+//! | --- | --- |
+//! | `amqp.content-type` | Content Type |
+//! | `amqp.correlation-id`, else the header `x-correlation-id` | Correlation Data (the string's bytes) |
+//! | `amqp.reply-to` `r` | Response Topic: the MQTT topic of queue `r`'s topic, `a.b` -> `a/b` ([`crate::interop::response_topic_for_reply_to`]); kept as a user property if there is none |
+//! | `amqp.expiration` (ms) | Message Expiry Interval: what is left of `publish_time` + expiration, in seconds rounded up; the message is not delivered once that has passed ([`is_expired`]) |
 
 use broker::{BrokerError, Message, NamespaceName, TopicName};
 use bytes::Bytes;
 
+use crate::amqp;
+use crate::interop::{self, as_mqtt_string};
 use crate::names::NamespaceMapping;
 
 /// Header holding the MQTT topic a message was published to.
@@ -457,11 +474,82 @@ pub fn message_topic(m: &Message) -> Option<&str> {
     header_str(m, H_TOPIC)
 }
 
+/// Whether the MQTT handler wrote the message (it always stores [`H_TOPIC`]).
+fn written_by_mqtt(m: &Message) -> bool {
+    m.header(H_TOPIC).is_some()
+}
+
+/// The v5 properties of a message another protocol wrote, read from its
+/// AMQP headers (see [`crate::interop`]), and the headers they came from.
+#[derive(Default)]
+struct FromAmqp {
+    content_type: Option<String>,
+    correlation_data: Option<Bytes>,
+    response_topic: Option<String>,
+    used: Vec<&'static str>,
+}
+
+fn from_amqp(m: &Message) -> FromAmqp {
+    let mut f = FromAmqp::default();
+    if let Some(ct) = m
+        .header(amqp::H_CONTENT_TYPE)
+        .and_then(|v| as_mqtt_string(v))
+    {
+        f.content_type = Some(ct.to_owned());
+        f.used.push(amqp::H_CONTENT_TYPE);
+    }
+    for name in [amqp::H_CORRELATION_ID, interop::H_X_CORRELATION_ID] {
+        if let Some(c) = m.header(name) {
+            f.correlation_data = Some(c.clone());
+            f.used.push(name);
+            break;
+        }
+    }
+    if let Some(rt) = header_str(m, amqp::H_REPLY_TO).and_then(interop::response_topic_for_reply_to)
+    {
+        f.response_topic = Some(rt);
+        f.used.push(amqp::H_REPLY_TO);
+    }
+    if amqp_deadline(m).is_some() {
+        f.used.push(amqp::H_EXPIRATION);
+    }
+    f
+}
+
+/// The deadline of an AMQP expiration: it counts from when the message
+/// was enqueued, its `publish_time`.
+fn amqp_deadline(m: &Message) -> Option<i64> {
+    let ms = header_str(m, amqp::H_EXPIRATION)?.parse::<u64>().ok()?;
+    Some(
+        m.publish_time
+            .saturating_add(ms.min(i64::MAX as u64) as i64),
+    )
+}
+
+/// When a stored message expires (ms since the epoch): its v5 deadline
+/// [`H_EXPIRES_AT`]; for a message another protocol wrote, its AMQP
+/// expiration counted from `publish_time` first. `None`: it does not
+/// expire.
+pub fn expires_at(m: &Message) -> Option<i64> {
+    let own = || header_str(m, H_EXPIRES_AT).and_then(|s| s.parse::<i64>().ok());
+    if written_by_mqtt(m) {
+        own()
+    } else {
+        amqp_deadline(m).or_else(own)
+    }
+}
+
 /// The MQTT view of a stored message. `fallback_topic` is used when the
 /// message carries no [`H_TOPIC`] header (it came from another protocol).
-/// `message_expiry` is the remaining interval at `now_ms`; `None` when the
-/// message has expired is signalled by [`is_expired`].
+/// `message_expiry` is the remaining interval at `now_ms`, rounded up;
+/// whether the message has expired is [`is_expired`].
 pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> MqttPublish {
+    let own = written_by_mqtt(m);
+    let foreign = if own {
+        FromAmqp::default()
+    } else {
+        from_amqp(m)
+    };
     let mut p = MqttPublish {
         topic: message_topic(m).unwrap_or(fallback_topic).to_owned(),
         payload: m.payload.clone(),
@@ -472,6 +560,10 @@ pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> Mqt
         },
         retain: header_str(m, H_RETAIN) == Some("1"),
         client_id: header_str(m, H_CLIENT_ID).map(str::to_owned),
+        message_expiry: expires_at(m).map(|at| {
+            let left = at.saturating_sub(now_ms).max(0);
+            (left.saturating_add(999) / 1000).min(i64::from(u32::MAX)) as u32
+        }),
         ..MqttPublish::default()
     };
     for (n, v) in &m.headers {
@@ -479,40 +571,37 @@ pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> Mqt
             H_PAYLOAD_FORMAT => {
                 p.payload_format = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
             }
-            H_EXPIRES_AT => {
-                if let Some(at) = std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse::<i64>().ok())
-                {
-                    let left = (at - now_ms).max(0);
-                    p.message_expiry = Some(((left + 999) / 1000).min(i64::from(u32::MAX)) as u32);
-                }
-            }
-            H_CONTENT_TYPE => p.content_type = std::str::from_utf8(v).ok().map(str::to_owned),
-            H_RESPONSE_TOPIC => p.response_topic = std::str::from_utf8(v).ok().map(str::to_owned),
+            H_CONTENT_TYPE => p.content_type = as_mqtt_string(v).map(str::to_owned),
+            H_RESPONSE_TOPIC => p.response_topic = as_mqtt_string(v).map(str::to_owned),
             H_CORRELATION_DATA => p.correlation_data = Some(v.clone()),
             n if n.starts_with(USER_PREFIX) => {
-                if let Ok(v) = std::str::from_utf8(v) {
+                if let Some(v) = as_mqtt_string(v) {
                     p.user_properties
                         .push((n[USER_PREFIX.len()..].to_owned(), v.to_owned()));
                 }
             }
             n if n.starts_with(RESERVED_PREFIX) => {}
+            amqp::H_HEADERS => {}
+            n if foreign.used.contains(&n) => {}
             n => {
-                if let Ok(v) = std::str::from_utf8(v) {
+                if let (Some(n), Some(v)) = (as_mqtt_string(n.as_bytes()), as_mqtt_string(v)) {
                     p.user_properties.push((n.to_owned(), v.to_owned()));
                 }
             }
         }
     }
+    if !own {
+        p.content_type = foreign.content_type.or(p.content_type);
+        p.correlation_data = foreign.correlation_data.or(p.correlation_data);
+        p.response_topic = foreign.response_topic.or(p.response_topic);
+    }
     p
 }
 
-/// Whether a stored message's v5 expiry has passed at `now_ms`.
+/// Whether a stored message's expiry ([`expires_at`]) has passed at
+/// `now_ms`.
 pub fn is_expired(m: &Message, now_ms: i64) -> bool {
-    header_str(m, H_EXPIRES_AT)
-        .and_then(|s| s.parse::<i64>().ok())
-        .is_some_and(|at| at <= now_ms)
+    expires_at(m).is_some_and(|at| at <= now_ms)
 }
 
 // ---- reason codes ----

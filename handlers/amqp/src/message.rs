@@ -68,7 +68,7 @@ impl Msg {
                 let strings = t
                     .iter()
                     .filter_map(|(n, v)| match v {
-                        Value::LongStr(s) => Some((n.clone(), s.clone())),
+                        Value::LongStr(s) | Value::ByteArray(s) => Some((n.clone(), s.clone())),
                         _ => None,
                     })
                     .collect();
@@ -230,6 +230,28 @@ mod tests {
         assert_eq!(back.props, m.props);
         assert_eq!(back.routing_key, "k");
         assert_eq!(back.expires_at(Some(500)), Some(507));
+    }
+
+    #[test]
+    fn mqtt_expiry_is_the_queue_deadline_and_not_dead_lettered() {
+        let p = mapping::mqtt::MqttPublish {
+            topic: "q".into(),
+            message_expiry: Some(2),
+            content_type: Some("text/plain".into()),
+            ..Default::default()
+        };
+        let core = mapping::mqtt::publish_to_message(&p, 1_000);
+        let m = Msg::from_core(&core, "q");
+        assert_eq!(m.props.expiration.as_deref(), Some("2000"));
+        assert_eq!(m.props.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(m.expires_at(None), Some(3_000));
+        assert_eq!(m.expires_at(Some(500)), Some(1_500));
+        // Dead-lettered, it no longer expires, whoever published it.
+        let d = m.dead_lettered("q", "expired", "dlx", None, 1).unwrap();
+        let again = Msg::from_core(&d.to_core(5_000), "dlq");
+        assert_eq!(again.props.expiration, None);
+        assert_eq!(again.expires_at(None), None);
+        assert_eq!(again.props.content_type.as_deref(), Some("text/plain"));
     }
 
     #[test]
