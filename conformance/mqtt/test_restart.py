@@ -172,3 +172,76 @@ def test_v5_qos2_session_survives_sigkill(gateway_factory):
     assert s5.session_present
     s5.nothing(1.5)
     s5.close()
+
+
+def persistent_watcher(port, uniq):
+    """A persistent MQTT 5 session subscribed at QoS 1 to `<uniq>/will`."""
+    w = Client(port, f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    w.c.reconnect_delay_set(60, 120)  # no reconnect behind the test's back
+    assert w.sub(f"{uniq}/will", qos=1) == [1]
+    return w
+
+
+def test_delayed_will_survives_sigkill(gateway_factory):
+    """A persistent MQTT 5 client drops with a will delayed 3 s; the gateway
+    is SIGKILLed within the delay. After the restart the will is published
+    once, when its delay ends (counted from the drop, not from the restart),
+    and a later graceful restart does not publish it again."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    gw = gateway_factory(["mqtt"])
+    uniq = "dwill"
+    port = gw.port("mqtt")
+    w = persistent_watcher(port, uniq)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 3
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", b"late-will", 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    c.drop()
+    dropped = time.monotonic()
+    w.nothing(0.7)
+    w.drop()  # offline across the crash: its session queues the will
+    gw.kill()
+    gw.restart()
+    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    assert w.session_present
+    m = w.get(timeout=10)
+    assert (m.topic, m.payload) == (f"{uniq}/will", b"late-will")
+    assert time.monotonic() - dropped >= 2.5, "published before its delay"
+    w.nothing(1.0)
+    w.close()
+    gw.stop()
+    gw.start()
+    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    w.nothing(2.0)  # published once, not again after a restart
+    w.close()
+
+
+def test_resumed_session_has_no_will_left_after_sigkill(gateway_factory):
+    """A delayed will cancelled by resuming the session stays cancelled
+    after SIGKILL and restart: the stored session no longer holds it."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    gw = gateway_factory(["mqtt"])
+    uniq = "rwill"
+    port = gw.port("mqtt")
+    w = persistent_watcher(port, uniq)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 2
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", b"cancelled", 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    c.drop()
+    w.nothing(0.5)
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300).connect()
+    assert c.session_present
+    c.c.reconnect_delay_set(60, 120)
+    w.nothing(0.5)
+    w.drop()
+    gw.kill()
+    gw.restart()
+    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    assert w.session_present
+    w.nothing(3.5)  # past the delay: nothing
+    w.close()

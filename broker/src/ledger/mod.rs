@@ -257,6 +257,18 @@ pub struct PendingAppend {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl PendingAppend {
+    /// The result if the append has already completed, without waiting
+    /// (for a caller that answers every completed append at once).
+    pub fn try_result(&mut self) -> Option<Result<Appended>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(r),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(Err(BrokerError::Closed)),
+        }
+    }
+}
+
 impl std::future::Future for PendingAppend {
     type Output = Result<Appended>;
 

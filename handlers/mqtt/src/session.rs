@@ -28,7 +28,7 @@ use crate::codec::{
 };
 use crate::share::{pull_any, Group};
 use crate::state::{
-    expiry_deadline, qos_label, FeedKey, KnownTopic, Online, Session, Shared, SubRecord,
+    expiry_deadline, qos_label, FeedKey, KnownTopic, Online, Session, Shared, StoredWill, SubRecord,
 };
 
 type Io = Box<dyn AsyncStream>;
@@ -438,12 +438,14 @@ async fn handshake(
         rel_acks: Vec::new(),
         shared: shared.clone(),
     });
+    // Resuming the session cancels a will waiting for its delay.
+    let had_will = conn.session.record.will.take().is_some();
     conn.session.record.expiry = expiry;
     // Online now: if the gateway crashes before this connection ends, the
     // session's expiry counts from the restart (`load_sessions`), not from
     // an earlier disconnect.
     conn.session.record.disconnected_ms = 0;
-    if expiry > 0 {
+    if expiry > 0 || had_will {
         if let Err(e) = Box::pin(shared.store_session(&client_id, &conn.session.record)).await {
             tracing::warn!(error = %e, "could not store session");
             let _ = write_packet(wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
@@ -646,6 +648,14 @@ impl Conn {
                 (p, r) = next_ack(&mut self.acks), if !self.acks.is_empty() => {
                     if let Some(e) = self.finish_publish(p.qos, p.pkid, r.map(drop)) {
                         break 'outer e;
+                    }
+                    // Appends complete a group commit at a time: answer
+                    // every one that is done in the same write.
+                    while let Some(r) = self.acks.front_mut().and_then(|p| p.append.try_result()) {
+                        let p = self.acks.pop_front().expect("the front was there");
+                        if let Some(e) = self.finish_publish(p.qos, p.pkid, r.map(drop)) {
+                            break 'outer e;
+                        }
                     }
                 }
                 t = new_topics.recv(), if listening => {
@@ -1401,9 +1411,30 @@ impl Conn {
         for g in std::mem::take(&mut self.groups) {
             shared.leave_group(&g, persistent).await;
         }
+        // A delayed will is stored with the session, so that a restart
+        // before its delay ends still publishes it.
+        let will = self
+            .will
+            .take()
+            .filter(|_| matches!(end, End::WithWill | End::TakenOver))
+            .map(|b| {
+                let (w, delay) = *b;
+                (
+                    w,
+                    if persistent {
+                        delay.min(self.expiry)
+                    } else {
+                        0
+                    },
+                )
+            });
         if persistent {
             self.session.record.expiry = self.expiry;
             self.session.record.disconnected_ms = now;
+            self.session.record.will = will
+                .as_ref()
+                .filter(|(_, delay)| *delay > 0)
+                .map(|(w, delay)| StoredWill::new(w, now + i64::from(*delay) * 1000));
             match shared
                 .store_session(&self.client_id, &self.session.record)
                 .await
@@ -1447,16 +1478,8 @@ impl Conn {
             }
         }
         gone.cancel();
-        if matches!(end, End::WithWill | End::TakenOver) {
-            if let Some(b) = self.will.take() {
-                let (w, delay) = *b;
-                let delay = if persistent {
-                    delay.min(self.expiry)
-                } else {
-                    0
-                };
-                shared.schedule_will(&self.client_id, w, delay);
-            }
+        if let Some((w, delay)) = will {
+            shared.schedule_will(&self.client_id, w, Duration::from_secs(u64::from(delay)));
         }
     }
 }

@@ -65,6 +65,93 @@ pub(crate) struct SessionRecord {
     /// Outgoing QoS 2 packet ids whose PUBREC arrived (PUBREL owed).
     #[serde(default)]
     pub(crate) pubrel: Vec<u16>,
+    /// A will waiting for its delay, so that a restart does not lose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) will: Option<StoredWill>,
+}
+
+/// A delayed will as persisted with its session: published at `at_ms`
+/// unless the session is resumed first.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct StoredWill {
+    pub(crate) at_ms: i64,
+    pub(crate) topic: String,
+    /// Hex.
+    pub(crate) payload: String,
+    pub(crate) qos: u8,
+    pub(crate) retain: bool,
+    #[serde(default)]
+    pub(crate) payload_format: Option<u8>,
+    #[serde(default)]
+    pub(crate) message_expiry: Option<u32>,
+    #[serde(default)]
+    pub(crate) content_type: Option<String>,
+    #[serde(default)]
+    pub(crate) response_topic: Option<String>,
+    /// Hex.
+    #[serde(default)]
+    pub(crate) correlation_data: Option<String>,
+    #[serde(default)]
+    pub(crate) user_properties: Vec<(String, String)>,
+}
+
+impl StoredWill {
+    pub(crate) fn new(w: &MqttPublish, at_ms: i64) -> StoredWill {
+        StoredWill {
+            at_ms,
+            topic: w.topic.clone(),
+            payload: hex(&w.payload),
+            qos: w.qos,
+            retain: w.retain,
+            payload_format: w.payload_format,
+            message_expiry: w.message_expiry,
+            content_type: w.content_type.clone(),
+            response_topic: w.response_topic.clone(),
+            correlation_data: w.correlation_data.as_deref().map(hex),
+            user_properties: w.user_properties.clone(),
+        }
+    }
+
+    /// The will again; `None` if the record was damaged.
+    pub(crate) fn publish(&self, client_id: &str) -> Option<MqttPublish> {
+        Some(MqttPublish {
+            topic: self.topic.clone(),
+            payload: unhex(&self.payload)?.into(),
+            qos: self.qos.min(2),
+            retain: self.retain,
+            client_id: Some(client_id.to_owned()),
+            payload_format: self.payload_format,
+            message_expiry: self.message_expiry,
+            content_type: self.content_type.clone(),
+            response_topic: self.response_topic.clone(),
+            correlation_data: match &self.correlation_data {
+                Some(h) => Some(unhex(h)?.into()),
+                None => None,
+            },
+            user_properties: self.user_properties.clone(),
+        })
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    const D: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for &x in b {
+        s.push(char::from(D[usize::from(x >> 4)]));
+        s.push(char::from(D[usize::from(x & 15)]));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let d = |c: u8| char::from(c).to_digit(16).map(|v| v as u8);
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    b.chunks(2)
+        .map(|p| Some(d(p[0])? << 4 | d(p[1])?))
+        .collect()
 }
 
 /// Key of a feed: one partition of one topic.
@@ -193,7 +280,10 @@ impl Shared {
             conn_ids: AtomicU64::new(1),
         });
         shared.load_retained().await?;
-        shared.load_sessions();
+        for (client_id, will, at_ms) in shared.load_sessions() {
+            let delay = Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0));
+            shared.schedule_will(&client_id, will, delay);
+        }
         shared.scan_topics().await;
         tokio::spawn(background(Arc::downgrade(&shared), ctx.shutdown.clone()));
         Ok(shared)
@@ -412,7 +502,10 @@ impl Shared {
 
     // ---- sessions ----
 
-    fn load_sessions(&self) {
+    /// Loads the persistent sessions; returns the delayed wills they hold
+    /// (client id, will, when to publish it).
+    fn load_sessions(&self) -> Vec<(Arc<str>, MqttPublish, i64)> {
+        let mut wills = Vec::new();
         let l = &self.sessions_ledger;
         let now = now_ms();
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -424,6 +517,14 @@ impl Shared {
             else {
                 continue;
             };
+            if let Some(w) = &rec.will {
+                match w.publish(name.as_str()) {
+                    Some(p) => wills.push((name.as_str().into(), p, w.at_ms)),
+                    None => {
+                        tracing::warn!(client_id = name.as_str(), "damaged stored will dropped")
+                    }
+                }
+            }
             let disconnected = if rec.disconnected_ms > 0 {
                 rec.disconnected_ms
             } else {
@@ -442,7 +543,12 @@ impl Shared {
                 },
             );
         }
-        tracing::info!(sessions = sessions.len(), "loaded persistent MQTT sessions");
+        tracing::info!(
+            sessions = sessions.len(),
+            wills = wills.len(),
+            "loaded persistent MQTT sessions"
+        );
+        wills
     }
 
     /// Persists a session record (durably, before returning).
@@ -522,15 +628,15 @@ impl Shared {
         }
     }
 
-    /// Publishes a will after `delay_secs` unless the client reconnects
+    /// Publishes a will after `delay` unless the client reconnects
     /// first (the slot's `will` handle is aborted then).
     pub(crate) fn schedule_will(
         self: &Arc<Self>,
         client_id: &Arc<str>,
         will: MqttPublish,
-        delay_secs: u32,
+        delay: Duration,
     ) {
-        if delay_secs == 0 {
+        if delay.is_zero() {
             self.publish_will_now(will);
             return;
         }
@@ -539,17 +645,25 @@ impl Shared {
         let delayed = will.clone();
         let task = tokio::spawn(async move {
             let will = delayed;
-            tokio::time::sleep(Duration::from_secs(u64::from(delay_secs))).await;
-            if let Some(slot) = me
-                .sessions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&id)
-            {
-                slot.will = None;
-            }
+            tokio::time::sleep(delay).await;
+            let record = {
+                let mut s = me.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                s.get_mut(&id).and_then(|slot| {
+                    slot.will = None;
+                    let stored = slot.stored.as_mut()?;
+                    stored.record.will.take()?;
+                    Some(stored.record.clone())
+                })
+            };
             if let Err(e) = me.publish(&will).await {
                 tracing::warn!(error = %e, "could not publish will");
+            }
+            // Published: the stored session no longer holds it (a crash
+            // before this line publishes it again after the restart).
+            if let Some(rec) = record {
+                if let Err(e) = me.store_session(&id, &rec).await {
+                    tracing::warn!(error = %e, "could not store session");
+                }
             }
         });
         let pending = PendingWill {

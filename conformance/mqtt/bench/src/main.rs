@@ -4,6 +4,7 @@
 //! ```text
 //! mqtt-bench --broker NAME=PORT:PID [--broker ...] [--baseline NAME]
 //!            [--seconds 5] [--size 64] [--window 32] [--conns 10000]
+//!            [--only TEXT]   (only the load rows whose name contains TEXT)
 //! ```
 //!
 //! For each broker, one after the other:
@@ -480,7 +481,7 @@ struct Broker {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N]");
+    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT]");
     std::process::exit(2)
 }
 
@@ -489,6 +490,7 @@ async fn main() {
     let mut brokers = Vec::new();
     let (mut baseline, mut secs, mut size, mut window, mut conns) =
         (None, 5.0, 64usize, 32u64, 10_000usize);
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_else(|| usage());
@@ -508,6 +510,7 @@ async fn main() {
             "--size" => size = v().parse().unwrap_or_else(|_| usage()),
             "--window" => window = v().parse().unwrap_or_else(|_| usage()),
             "--conns" => conns = v().parse().unwrap_or_else(|_| usage()),
+            "--only" => only = Some(v()),
             _ => usage(),
         }
     }
@@ -520,7 +523,10 @@ async fn main() {
     let mut rows = Vec::new();
     for shape in SHAPES {
         for qos in [0u8, 1] {
-            rows.push((format!("{} QoS {qos}", shape.name), shape, qos));
+            let row = format!("{} QoS {qos}", shape.name);
+            if only.as_ref().is_none_or(|o| row.contains(o.as_str())) {
+                rows.push((row, shape, qos));
+            }
         }
     }
     for b in &brokers {
