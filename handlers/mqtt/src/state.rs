@@ -768,3 +768,52 @@ async fn background(shared: std::sync::Weak<Shared>, shutdown: CancellationToken
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_will_round_trips_through_the_session_record() {
+        let will = MqttPublish {
+            topic: "a/b".into(),
+            payload: Bytes::from_static(&[0, 1, 0xfe, 0xff, b'x']),
+            qos: 2,
+            retain: true,
+            client_id: Some("c1".into()),
+            payload_format: Some(0),
+            message_expiry: Some(60),
+            content_type: Some("text/plain".into()),
+            response_topic: Some("r/t".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00corr")),
+            user_properties: vec![("k".into(), "v".into())],
+        };
+        let rec = SessionRecord {
+            expiry: 300,
+            will: Some(StoredWill::new(&will, 1234)),
+            ..SessionRecord::default()
+        };
+        let json = serde_json::to_string(&rec).unwrap();
+        let back: SessionRecord = serde_json::from_str(&json).unwrap();
+        let w = back.will.unwrap();
+        assert_eq!(w.at_ms, 1234);
+        assert_eq!(w.publish("c1"), Some(will));
+    }
+
+    #[test]
+    fn records_without_a_will_read_as_before() {
+        let old = r#"{"expiry":10,"subs":[],"disconnected_ms":5}"#;
+        let rec: SessionRecord = serde_json::from_str(old).unwrap();
+        assert!(rec.will.is_none());
+        assert!(!serde_json::to_string(&rec).unwrap().contains("will"));
+    }
+
+    #[test]
+    fn a_damaged_stored_will_is_refused() {
+        let mut w = StoredWill::new(&MqttPublish::default(), 0);
+        w.payload = "zz".into();
+        assert_eq!(w.publish("c"), None);
+        w.payload = "abc".into();
+        assert_eq!(w.publish("c"), None);
+    }
+}
