@@ -16,7 +16,9 @@
 //!   overrun and latency is measured at the same offered concurrency.
 //!   messages/s counts deliveries to subscribers during the run; the
 //!   latency of a delivery is publisher write -> subscriber read (the
-//!   payload carries the send time; one process, one clock);
+//!   payload carries the send time; one process, one clock); broker CPU
+//!   is the broker process's user + system time (all threads, from
+//!   `/proc/PID/stat`) over the measured seconds per delivered message;
 //! - idle memory: `--conns` connections (CONNECT, clean session,
 //!   keep-alive 600 s, nothing else) and the broker's RSS
 //!   (`/proc/PID/status`) before and after, divided by the count.
@@ -221,6 +223,9 @@ struct LoadResult {
     msgs_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Broker CPU time (user + system, all threads) per delivered message
+    /// during the measured seconds.
+    cpu_us: f64,
 }
 
 async fn subscriber(
@@ -340,8 +345,28 @@ async fn publisher(
     Ok(())
 }
 
+/// User + system CPU time of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn load(
     port: u16,
+    pid: u32,
     shape: Shape,
     qos: u8,
     secs: f64,
@@ -398,9 +423,11 @@ async fn load(
     // Warm-up, then measure.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let t0 = Instant::now();
+    let cpu0 = cpu_ticks(pid);
     run.measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     run.measuring.store(false, Ordering::Relaxed);
+    let cpu1 = cpu_ticks(pid);
     let elapsed = t0.elapsed().as_secs_f64();
     run.stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -420,10 +447,15 @@ async fn load(
             f64::from(lat[((lat.len() as f64 - 1.0) * p) as usize]) / 1000.0
         }
     };
+    let cpu_us = match (cpu0, cpu1) {
+        (Some(a), Some(b)) if n > 0 => (b - a) as f64 / clock_ticks_per_s() * 1e6 / n as f64,
+        _ => f64::NAN,
+    };
     Ok(LoadResult {
         msgs_per_s: n as f64 / elapsed,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        cpu_us,
     })
 }
 
@@ -533,7 +565,7 @@ async fn main() {
         for (row, shape, qos) in &rows {
             let r = match tokio::time::timeout(
                 Duration::from_secs_f64(secs + 20.0),
-                load(b.port, *shape, *qos, secs, size, window),
+                load(b.port, b.pid, *shape, *qos, secs, size, window),
             )
             .await
             {
@@ -544,6 +576,7 @@ async fn main() {
                         msgs_per_s: 0.0,
                         p50_ms: f64::NAN,
                         p99_ms: f64::NAN,
+                        cpu_us: f64::NAN,
                     }
                 }
                 Err(_) => {
@@ -552,12 +585,13 @@ async fn main() {
                         msgs_per_s: 0.0,
                         p50_ms: f64::NAN,
                         p99_ms: f64::NAN,
+                        cpu_us: f64::NAN,
                     }
                 }
             };
             eprintln!(
-                "{:<24} {:<20} {:>10.0} msg/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
-                b.name, row, r.msgs_per_s, r.p50_ms, r.p99_ms
+                "{:<24} {:<20} {:>10.0} msg/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.2} us/msg",
+                b.name, row, r.msgs_per_s, r.p50_ms, r.p99_ms, r.cpu_us
             );
             results.insert((row.clone(), b.name.clone()), r);
         }
@@ -581,11 +615,14 @@ async fn main() {
     let mut t = String::new();
     t.push_str("| load | ");
     for b in &brokers {
-        t.push_str(&format!("{0} msg/s | {0} p50 ms | {0} p99 ms | ", b.name));
+        t.push_str(&format!(
+            "{0} msg/s | {0} p50 ms | {0} p99 ms | {0} CPU us/msg | ",
+            b.name
+        ));
     }
     t.push_str(&format!("msg/s vs {base} (per broker) |\n|---|"));
     for _ in &brokers {
-        t.push_str("---:|---:|---:|");
+        t.push_str("---:|---:|---:|---:|");
     }
     t.push_str("---|\n");
     for (row, _, _) in &rows {
@@ -593,8 +630,8 @@ async fn main() {
         for b in &brokers {
             let r = results[&(row.clone(), b.name.clone())];
             t.push_str(&format!(
-                "{:.0} | {:.2} | {:.2} | ",
-                r.msgs_per_s, r.p50_ms, r.p99_ms
+                "{:.0} | {:.2} | {:.2} | {:.2} | ",
+                r.msgs_per_s, r.p50_ms, r.p99_ms, r.cpu_us
             ));
         }
         let bm = results
@@ -619,9 +656,9 @@ async fn main() {
         ));
         for b in &brokers {
             match idle_res.get(&b.name) {
-                Some((m, got)) if *got == conns => t.push_str(&format!("{m:.0} | | | ")),
-                Some((m, got)) => t.push_str(&format!("{m:.0} (only {got} connected) | | | ")),
-                None => t.push_str("failed | | | "),
+                Some((m, got)) if *got == conns => t.push_str(&format!("{m:.0} | | | | ")),
+                Some((m, got)) => t.push_str(&format!("{m:.0} (only {got} connected) | | | | ")),
+                None => t.push_str("failed | | | | "),
             }
         }
         let bm = idle_res.get(&base).map_or(f64::NAN, |x| x.0);
