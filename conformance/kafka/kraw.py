@@ -1,5 +1,6 @@
-"""A tiny raw Kafka wire client for the bad-input and idempotence tests:
-hand-encoded requests (non-flexible versions only), framed responses."""
+"""A tiny raw Kafka wire client for the bad-input, idempotence and protocol
+edge-case tests: hand-encoded requests (classic and flexible, KIP-482),
+framed responses, and a small reader to parse response bodies."""
 
 import socket
 import struct
@@ -22,9 +23,14 @@ class Raw:
     def send_raw(self, data: bytes):
         self.sock.sendall(data)
 
-    def request(self, api_key, version, body: bytes, client_id="raw"):
+    def request(self, api_key, version, body: bytes, client_id="raw", flexible=False):
+        """Sends a request; `flexible` uses request header v2 (a flexible
+        version's header: the client id stays a classic string, then
+        tagged fields). Returns the correlation id."""
         self.corr += 1
         header = struct.pack(">hhi", api_key, version, self.corr) + string(client_id)
+        if flexible:
+            header += uvarint(0)
         msg = header + body
         self.sock.sendall(struct.pack(">i", len(msg)) + msg)
         return self.corr
@@ -44,6 +50,17 @@ class Raw:
         (corr,) = struct.unpack(">i", data[:4])
         return corr, data[4:]
 
+    def call(self, api_key, version, body: bytes, flexible=False):
+        """One request and its response body as a Reader (for a flexible
+        version the response header's tagged fields are skipped)."""
+        corr = self.request(api_key, version, body, flexible=flexible)
+        got, data = self.response()
+        assert got == corr, (got, corr)
+        r = Reader(data)
+        if flexible:
+            r.tags()
+        return r
+
     def is_closed(self, timeout=5):
         self.sock.settimeout(timeout)
         try:
@@ -53,6 +70,89 @@ class Raw:
 
     def close(self):
         self.sock.close()
+
+
+def uvarint(n):
+    out = b""
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out += bytes([b | 0x80])
+        else:
+            return out + bytes([b])
+
+
+def compact_string(s):
+    """A COMPACT_NULLABLE_STRING (None is null)."""
+    if s is None:
+        return uvarint(0)
+    b = s.encode()
+    return uvarint(len(b) + 1) + b
+
+
+def array(items, flexible=False):
+    """An ARRAY (or COMPACT_ARRAY) of already encoded items."""
+    head = uvarint(len(items) + 1) if flexible else struct.pack(">i", len(items))
+    return head + b"".join(items)
+
+
+def str_(s, flexible=False):
+    return compact_string(s) if flexible else string(s)
+
+
+TAGS = uvarint(0)  # an empty tagged-field section
+
+
+class Reader:
+    """Reads a response body field by field."""
+
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+
+    def _unpack(self, fmt):
+        (v,) = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return v
+
+    def i16(self):
+        return self._unpack(">h")
+
+    def i32(self):
+        return self._unpack(">i")
+
+    def i64(self):
+        return self._unpack(">q")
+
+    def uvarint(self):
+        n = shift = 0
+        while True:
+            b = self.data[self.pos]
+            self.pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return n
+
+    def string(self, flexible=False):
+        n = self.uvarint() - 1 if flexible else self.i16()
+        if n < 0:
+            return None
+        s = self.data[self.pos:self.pos + n].decode()
+        self.pos += n
+        return s
+
+    def array_len(self, flexible=False):
+        return self.uvarint() - 1 if flexible else self.i32()
+
+    def tags(self):
+        for _ in range(self.uvarint()):
+            self.uvarint()
+            self.pos += self.uvarint()
+
+    def done(self):
+        return self.pos == len(self.data)
 
 
 def batch(records, producer_id=-1, epoch=-1, base_sequence=-1):

@@ -16,8 +16,9 @@
 //! The cursor cannot stand outside the ledger (it is clamped to
 //! `[start, end]`), but Kafka stores a committed offset exactly as given,
 //! even below the log start or past the end: the offset as committed is
-//! kept in the property `kafka.offset` and reported while the cursor has
-//! not been moved by anything but that clamping ([`reported_commit`]).
+//! kept in the property `kafka.offset`, with the commit's leader epoch,
+//! and reported while the cursor has not been moved by anything but that
+//! clamping ([`reported_commit`]).
 //!
 //! # Record batches
 //!
@@ -113,6 +114,7 @@ pub enum ErrorCode {
     NonEmptyGroup = 68,
     FetchSessionIdNotFound = 70,
     InvalidFetchSessionEpoch = 71,
+    FencedLeaderEpoch = 74,
     UnknownLeaderEpoch = 75,
     UnsupportedCompressionType = 76,
     MemberIdRequired = 79,
@@ -193,38 +195,59 @@ pub const GROUP_CURSOR_PREFIX: &str = "kafka.";
 pub const COMMIT_METADATA_PROPERTY: &str = "kafka.metadata";
 
 /// Cursor property holding the last offset commit exactly as sent, with
-/// the cursor position it produced: `"<committed> <mark-delete>"`.
+/// the cursor position it produced and the commit's leader epoch:
+/// `"<committed> <mark-delete> <leader-epoch>"` (older values have no
+/// epoch, which reads as -1, "none").
 pub const COMMIT_OFFSET_PROPERTY: &str = "kafka.offset";
 
-/// The [`COMMIT_OFFSET_PROPERTY`] value for a commit of `committed` that
-/// left the cursor at `mark_delete`.
-pub fn commit_offset_property(committed: u64, mark_delete: u64) -> String {
-    format!("{committed} {mark_delete}")
+/// The [`COMMIT_OFFSET_PROPERTY`] value for a commit of `committed` with
+/// `leader_epoch` (-1: none given) that left the cursor at `mark_delete`.
+pub fn commit_offset_property(committed: u64, mark_delete: u64, leader_epoch: i32) -> String {
+    format!("{committed} {mark_delete} {leader_epoch}")
 }
 
-/// The committed offset to report for a group cursor now at
-/// `mark_delete` on a ledger starting at `start`, given its
-/// [`COMMIT_OFFSET_PROPERTY`].
+/// A committed offset as OffsetFetch reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedCommit {
+    pub offset: u64,
+    /// The leader epoch the commit carried; -1 when none is known.
+    pub leader_epoch: i32,
+}
+
+/// The commit to report for a group cursor now at `mark_delete` on a
+/// ledger starting at `start`, given its [`COMMIT_OFFSET_PROPERTY`].
 ///
-/// The offset as committed is reported while the cursor is where that
-/// commit left it, or has only been pulled up to a later log start
-/// (retention or DeleteRecords trimmed past it): then the client sees what
-/// it committed, as in Kafka, and its fetch there is OFFSET_OUT_OF_RANGE,
-/// which applies its `auto.offset.reset`. If anything else moved the
-/// cursor, or the property is missing or unreadable, the cursor's position
-/// is the commit.
-pub fn reported_commit(property: Option<&str>, mark_delete: u64, start: u64) -> u64 {
+/// The offset as committed, with its leader epoch, is reported while the
+/// cursor is where that commit left it, or has only been pulled up to a
+/// later log start (retention or DeleteRecords trimmed past it): then the
+/// client sees what it committed, as in Kafka, and its fetch there is
+/// OFFSET_OUT_OF_RANGE, which applies its `auto.offset.reset`. If anything
+/// else moved the cursor, or the property is missing or unreadable, the
+/// cursor's position is the commit, with no leader epoch.
+pub fn reported_commit(property: Option<&str>, mark_delete: u64, start: u64) -> ReportedCommit {
     let parsed = property.and_then(|p| {
-        let (c, m) = p.split_once(' ')?;
-        Some((c.parse::<u64>().ok()?, m.parse::<u64>().ok()?))
+        let mut it = p.split(' ');
+        let c = it.next()?.parse::<u64>().ok()?;
+        let m = it.next()?.parse::<u64>().ok()?;
+        let e = match it.next() {
+            None => -1,
+            Some(e) => e.parse::<i32>().ok()?,
+        };
+        it.next().is_none().then_some((c, m, e))
     });
     match parsed {
-        Some((committed, at))
+        Some((committed, at, leader_epoch))
             if mark_delete == at || (at < mark_delete && mark_delete <= start) =>
         {
-            committed
+            ReportedCommit {
+                offset: committed,
+                leader_epoch,
+            }
         }
-        _ => mark_delete,
+        _ => ReportedCommit {
+            offset: mark_delete,
+            leader_epoch: -1,
+        },
     }
 }
 
@@ -878,25 +901,33 @@ mod tests {
 
     #[test]
     fn commits_outside_the_ledger_are_reported_as_sent() {
+        let at = |offset, leader_epoch| ReportedCommit {
+            offset,
+            leader_epoch,
+        };
         // Committed 5 on a ledger starting at 10: the cursor sits at 10.
-        let p = commit_offset_property(5, 10);
-        assert_eq!(reported_commit(Some(&p), 10, 10), 5);
+        let p = commit_offset_property(5, 10, 0);
+        assert_eq!(reported_commit(Some(&p), 10, 10), at(5, 0));
         // The log start moved on and pulled the cursor along: still 5.
-        assert_eq!(reported_commit(Some(&p), 20, 20), 5);
-        // Committed 1000 past an end of 50.
-        let p = commit_offset_property(1000, 50);
-        assert_eq!(reported_commit(Some(&p), 50, 0), 1000);
+        assert_eq!(reported_commit(Some(&p), 20, 20), at(5, 0));
+        // Committed 1000 past an end of 50, without a leader epoch.
+        let p = commit_offset_property(1000, 50, -1);
+        assert_eq!(reported_commit(Some(&p), 50, 0), at(1000, -1));
         // Inside the ledger the two agree.
-        let p = commit_offset_property(7, 7);
-        assert_eq!(reported_commit(Some(&p), 7, 0), 7);
+        let p = commit_offset_property(7, 7, 3);
+        assert_eq!(reported_commit(Some(&p), 7, 0), at(7, 3));
         // Moved by something else (forward past the start, or back): the
-        // cursor is the commit.
-        assert_eq!(reported_commit(Some(&p), 9, 0), 9);
-        assert_eq!(reported_commit(Some(&p), 3, 0), 3);
+        // cursor is the commit, and its epoch is unknown.
+        assert_eq!(reported_commit(Some(&p), 9, 0), at(9, -1));
+        assert_eq!(reported_commit(Some(&p), 3, 0), at(3, -1));
+        // Written before the epoch was kept: no epoch.
+        assert_eq!(reported_commit(Some("5 10"), 10, 10), at(5, -1));
         // No property (commits from before it existed) or garbage.
-        assert_eq!(reported_commit(None, 4, 0), 4);
-        assert_eq!(reported_commit(Some("x y"), 4, 0), 4);
-        assert_eq!(reported_commit(Some("12"), 4, 0), 4);
+        assert_eq!(reported_commit(None, 4, 0), at(4, -1));
+        assert_eq!(reported_commit(Some("x y"), 4, 0), at(4, -1));
+        assert_eq!(reported_commit(Some("12"), 4, 0), at(4, -1));
+        assert_eq!(reported_commit(Some("4 4 x"), 4, 0), at(4, -1));
+        assert_eq!(reported_commit(Some("5 4 0 9"), 4, 0), at(4, -1));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use mapping::kafka::ErrorCode;
 
-use crate::state::{topic_uuid, State};
+use crate::state::{topic_uuid, State, LEADER_EPOCH};
 
 const RESOURCE_TOPIC: i8 = 2;
 const RESOURCE_BROKER: i8 = 4;
@@ -61,7 +61,7 @@ fn partitions_of(state: &State, meta: &TopicMeta) -> Vec<MetadataResponsePartiti
             MetadataResponsePartition::default()
                 .with_partition_index(p)
                 .with_leader_id(node)
-                .with_leader_epoch(0)
+                .with_leader_epoch(LEADER_EPOCH)
                 .with_replica_nodes(vec![node])
                 .with_isr_nodes(vec![node])
         })

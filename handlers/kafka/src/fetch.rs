@@ -3,9 +3,11 @@
 //! passes.
 //!
 //! A stored Kafka batch is served with its `baseOffset` rewritten to the
-//! ledger offset and its `partitionLeaderEpoch` set to 0 (both lie outside
-//! the CRC). Entries written by other protocols are served as batches
-//! built by `mapping::kafka::messages_to_batch`. As in Kafka, the first
+//! ledger offset and its `partitionLeaderEpoch` set to the partition's one
+//! leader epoch (both lie outside the CRC); a request's
+//! `current_leader_epoch` is checked against that epoch, as Kafka does.
+//! Entries written by other protocols are served as batches built by
+//! `mapping::kafka::messages_to_batch`. As in Kafka, the first
 //! batch of a response is returned even when it exceeds the limits, so a
 //! consumer always makes progress; after that `partition_max_bytes` and the
 //! response's `max_bytes` bound what is returned. There are no
@@ -22,7 +24,7 @@ use kafka_protocol::protocol::StrBytes;
 use mapping::kafka::ErrorCode;
 use tokio::task::JoinSet;
 
-use crate::state::State;
+use crate::state::{check_current_leader_epoch, State, LEADER_EPOCH};
 
 /// Longest a Fetch may wait (a cap on the client's max_wait_ms).
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -32,6 +34,8 @@ struct Want {
     partition: i32,
     offset: i64,
     max_bytes: usize,
+    /// -1: not given (below v9).
+    current_leader_epoch: i32,
 }
 
 struct Got {
@@ -66,6 +70,7 @@ pub(crate) async fn fetch(state: &Arc<State>, req: FetchRequest, _version: i16) 
                 partition: p.partition,
                 offset: p.fetch_offset,
                 max_bytes: p.partition_max_bytes.max(0) as usize,
+                current_leader_epoch: p.current_leader_epoch,
             })
         })
         .collect();
@@ -148,6 +153,9 @@ async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got
         Ok(l) => l,
         Err(e) => return fail(e, base),
     };
+    if let Err(e) = check_current_leader_epoch(w.current_leader_epoch) {
+        return fail(e, base);
+    }
     let (start, end) = (ledger.start_offset(), ledger.end_offset());
     let base = base
         .with_high_watermark(end as i64)
@@ -201,9 +209,9 @@ async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got
 }
 
 fn append_entry(out: &mut BytesMut, e: &Entry) -> Result<(), String> {
+    let start = out.len();
     match e.format {
         EntryFormat::KafkaRecordBatch => {
-            let start = out.len();
             out.put_slice(&e.payload);
             let batch = &mut out[start..];
             if batch.len() < mapping::kafka::BATCH_HEADER_LEN {
@@ -211,13 +219,14 @@ fn append_entry(out: &mut BytesMut, e: &Entry) -> Result<(), String> {
                 return Err("stored batch shorter than its header".into());
             }
             mapping::kafka::set_base_offset(batch, e.base_offset);
-            batch[12..16].copy_from_slice(&0i32.to_be_bytes());
-            Ok(())
         }
         EntryFormat::Messages => {
             let msgs = broker::message::decode_batch(&e.payload).map_err(|e| e.to_string())?;
             out.put_slice(&mapping::kafka::messages_to_batch(e.base_offset, &msgs));
-            Ok(())
         }
     }
+    // The epoch the batch was "appended in" is the partition's one epoch,
+    // whatever the producer wrote there (outside the CRC, as baseOffset).
+    out[start + 12..start + 16].copy_from_slice(&LEADER_EPOCH.to_be_bytes());
+    Ok(())
 }

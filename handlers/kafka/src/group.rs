@@ -298,10 +298,30 @@ impl Group {
         best.map(|(n, _)| n.clone()).unwrap_or_default()
     }
 
+    /// Removes a member. A join or sync it has waiting is answered
+    /// UNKNOWN_MEMBER_ID, as Kafka answers it (a client still running
+    /// rejoins as a new member).
     fn remove_member(&mut self, id: &str) -> bool {
-        let before = self.members.len();
-        self.members.retain(|m| m.id != id);
-        before != self.members.len()
+        let Some(i) = self.members.iter().position(|m| m.id == id) else {
+            return false;
+        };
+        let mut m = self.members.remove(i);
+        if let Some(w) = m.join_waiter.take() {
+            let _ = w.send(JoinResult {
+                error: ErrorCode::UnknownMemberId,
+                generation: -1,
+                protocol_type: String::new(),
+                protocol: String::new(),
+                leader: String::new(),
+                member_id: String::new(),
+                members: Vec::new(),
+                skip_assignment: false,
+            });
+        }
+        if let Some(w) = m.sync_waiter.take() {
+            let _ = w.send((ErrorCode::UnknownMemberId, Bytes::new()));
+        }
+        true
     }
 
     /// After members left: rebalance the rest, or become Empty.
@@ -864,6 +884,15 @@ pub(crate) fn heartbeat(state: &State, req: HeartbeatRequest) -> HeartbeatRespon
     HeartbeatResponse::default().with_error_code(code.err().unwrap_or(ErrorCode::None).code())
 }
 
+/// LeaveGroup, as Kafka's classic group coordinator answers it.
+///
+/// From v3 a request names a batch of members (KIP-345), each by member id,
+/// by `group.instance.id` (an administrative removal of a static member,
+/// with an empty member id), or both; each gets its own error code, and the
+/// request's top-level error is NONE unless the request as a whole is
+/// refused (an empty group id). A member id that MEMBER_ID_REQUIRED handed
+/// out and that has not joined yet is forgotten, so a rebalance stops
+/// waiting for it. Before v3 the one member's error is the top-level error.
 pub(crate) fn leave_group(
     state: &State,
     req: LeaveGroupRequest,
@@ -883,59 +912,89 @@ pub(crate) fn leave_group(
     } else {
         vec![(req.member_id.to_string(), None)]
     };
-    let Some(g) = c.get(req.group_id.0.as_str()) else {
-        return LeaveGroupResponse::default().with_error_code(ErrorCode::UnknownMemberId.code());
-    };
-    let mut results = Vec::new();
-    let timer = {
-        let mut gr = lock(&g);
-        let mut any = false;
-        for (id, inst) in &leaving {
-            let target = match inst {
-                Some(i) => match gr.by_instance(i) {
-                    Some(m) if id.is_empty() || m.id == *id => Ok(m.id.clone()),
-                    Some(_) => Err(ErrorCode::FencedInstanceId),
-                    None => Err(ErrorCode::UnknownMemberId),
-                },
-                None => {
-                    if gr.member(id).is_some() {
-                        Ok(id.clone())
-                    } else {
-                        Err(ErrorCode::UnknownMemberId)
-                    }
-                }
-            };
-            let code = match target {
-                Ok(mid) => {
-                    tracing::info!(group = %gr.id, member = %mid, "member left");
-                    gr.remove_member(&mid);
-                    any = true;
-                    ErrorCode::None
-                }
-                Err(e) => e,
-            };
-            results.push(
-                MemberResponse::default()
-                    .with_member_id(StrBytes::from_string(id.clone()))
-                    .with_group_instance_id(inst.clone().map(StrBytes::from_string))
-                    .with_error_code(code.code()),
-            );
-        }
-        if any {
-            gr.after_departure(c.initial_delay)
-                .then_some(gr.rebalance_seq)
-        } else {
+    if req.group_id.0.is_empty() {
+        return LeaveGroupResponse::default().with_error_code(ErrorCode::InvalidGroupId.code());
+    }
+    let g = c.get(req.group_id.0.as_str());
+    let mut codes = Vec::with_capacity(leaving.len());
+    let timer = match &g {
+        // A group the coordinator does not know: every member is unknown.
+        None => {
+            codes.resize(leaving.len(), ErrorCode::UnknownMemberId);
             None
         }
+        Some(g) => {
+            let mut gr = lock(g);
+            let now = Instant::now();
+            let mut departed = false;
+            let mut pending_left = false;
+            for (id, inst) in &leaving {
+                if !id.is_empty()
+                    && gr.member(id).is_none()
+                    && gr.pending.remove(id).is_some_and(|expiry| expiry > now)
+                {
+                    tracing::info!(group = %gr.id, member = %id, "pending member left");
+                    pending_left = true;
+                    codes.push(ErrorCode::None);
+                    continue;
+                }
+                let target = if id.is_empty() {
+                    // Removal by instance id alone (an admin's request).
+                    match inst.as_deref().and_then(|i| gr.by_instance(i)) {
+                        Some(m) => Ok(m.id.clone()),
+                        None => Err(ErrorCode::UnknownMemberId),
+                    }
+                } else {
+                    match inst {
+                        Some(i) => match gr.by_instance(i) {
+                            Some(m) if m.id == *id => Ok(id.clone()),
+                            Some(_) => Err(ErrorCode::FencedInstanceId),
+                            None => Err(ErrorCode::UnknownMemberId),
+                        },
+                        None if gr.member(id).is_some() => Ok(id.clone()),
+                        None => Err(ErrorCode::UnknownMemberId),
+                    }
+                };
+                codes.push(match target {
+                    Ok(mid) => {
+                        tracing::info!(group = %gr.id, member = %mid, "member left");
+                        gr.remove_member(&mid);
+                        departed = true;
+                        ErrorCode::None
+                    }
+                    Err(e) => e,
+                });
+            }
+            if departed {
+                gr.after_departure(c.initial_delay)
+                    .then_some(gr.rebalance_seq)
+            } else {
+                if pending_left {
+                    // A rebalance may have been waiting only for it.
+                    gr.try_complete_join();
+                }
+                None
+            }
+        }
     };
-    if let Some(seq) = timer {
-        spawn_join_timer(g.clone(), seq);
+    if let (Some(g), Some(seq)) = (g, timer) {
+        spawn_join_timer(g, seq);
     }
     if version >= 3 {
+        let results = leaving
+            .into_iter()
+            .zip(codes)
+            .map(|((id, inst), code)| {
+                MemberResponse::default()
+                    .with_member_id(StrBytes::from_string(id))
+                    .with_group_instance_id(inst.map(StrBytes::from_string))
+                    .with_error_code(code.code())
+            })
+            .collect();
         LeaveGroupResponse::default().with_members(results)
     } else {
-        let code = results.first().map_or(0, |r| r.error_code);
-        LeaveGroupResponse::default().with_error_code(code)
+        let code = codes.first().copied().unwrap_or(ErrorCode::None);
+        LeaveGroupResponse::default().with_error_code(code.code())
     }
 }
 
@@ -1146,6 +1205,22 @@ mod tests {
         g.members.push(member("b", &["range"]));
         g.prepare_rebalance(Duration::ZERO);
         assert_eq!(rx.await.unwrap().0, ErrorCode::RebalanceInProgress);
+    }
+
+    #[tokio::test]
+    async fn a_member_removed_while_joining_is_told_it_is_unknown() {
+        let mut g = Group::new("g");
+        g.members.push(member("a", &["range"]));
+        g.members.push(member("b", &["range"]));
+        g.prepare_rebalance(Duration::ZERO);
+        let rb = join(&mut g, "b");
+        assert!(g.remove_member("b"));
+        assert!(!g.remove_member("b"));
+        let b = rb.await.unwrap();
+        assert_eq!((b.error, b.generation), (ErrorCode::UnknownMemberId, -1));
+        // a had not rejoined: the rebalance still waits for it.
+        g.try_complete_join();
+        assert_eq!(g.phase, Phase::PreparingRebalance);
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! not). A commit is persisted to disk before it is acknowledged.
 //!
 //! Kafka stores a committed offset as given, even outside the log; the
-//! cursor cannot point there, so the offset as sent is kept beside it
-//! (`mapping::kafka::reported_commit`) and OffsetFetch answers it.
+//! cursor cannot point there, so the offset as sent is kept beside it, with
+//! the commit's leader epoch (`mapping::kafka::reported_commit`), and
+//! OffsetFetch answers both. The epoch matters to clients: librdkafka
+//! validates a committed position that carries one with
+//! OffsetForLeaderEpoch before fetching from it (KIP-320).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -43,7 +46,7 @@ use mapping::kafka::{
     COMMIT_METADATA_PROPERTY, COMMIT_OFFSET_PROPERTY,
 };
 
-use crate::state::State;
+use crate::state::{check_current_leader_epoch, State, LEADER_EPOCH};
 
 const EARLIEST: i64 = -2;
 const LATEST: i64 = -1;
@@ -53,8 +56,6 @@ pub(crate) async fn list_offsets(
     req: ListOffsetsRequest,
     version: i16,
 ) -> ListOffsetsResponse {
-    // leader_epoch exists from v4; below it must stay at its default.
-    let epoch = if version >= 4 { 0 } else { -1 };
     let mut topics = Vec::new();
     for t in req.topics {
         let name = t.name.0.to_string();
@@ -64,10 +65,21 @@ pub(crate) async fn list_offsets(
                 .with_partition_index(p.partition_index)
                 .with_timestamp(-1)
                 .with_offset(-1)
-                .with_leader_epoch(epoch);
-            let r = match list_one(state, &name, p.partition_index, p.timestamp).await {
+                .with_leader_epoch(-1);
+            // current_leader_epoch is -1 (not given) below v4.
+            let found = match check_current_leader_epoch(p.current_leader_epoch) {
+                Ok(()) => list_one(state, &name, p.partition_index, p.timestamp).await,
+                Err(e) => Err(e),
+            };
+            let r = match found {
+                // leader_epoch exists from v4; below it must stay at its
+                // default. No offset for the timestamp: no epoch either.
+                Ok((offset, ts)) if offset >= 0 && version >= 4 => r
+                    .with_offset(offset)
+                    .with_timestamp(ts)
+                    .with_leader_epoch(LEADER_EPOCH),
                 Ok((offset, ts)) => r.with_offset(offset).with_timestamp(ts),
-                Err(e) => r.with_error_code(e.code()).with_leader_epoch(-1),
+                Err(e) => r.with_error_code(e.code()),
             };
             parts.push(r);
         }
@@ -118,7 +130,10 @@ async fn list_one(
     }
 }
 
-/// Every partition has had one leader epoch, 0, since it was created.
+/// OffsetForLeaderEpoch, as a Kafka partition leader answers it.
+///
+/// The request's `replica_id` (v3+) does not change the answer: Kafka
+/// answers followers and consumers alike from the leader's epoch cache.
 pub(crate) fn offset_for_leader_epoch(
     state: &State,
     req: OffsetForLeaderEpochRequest,
@@ -132,19 +147,29 @@ pub(crate) fn offset_for_leader_epoch(
                 .partitions
                 .into_iter()
                 .map(|p| {
-                    let r = EpochEndOffset::default().with_partition(p.partition);
-                    match state.ledger(&name, p.partition) {
-                        Err(e) => r
-                            .with_error_code(e.code())
-                            .with_leader_epoch(-1)
-                            .with_end_offset(-1),
-                        Ok(_) if p.current_leader_epoch > 0 => r
-                            .with_error_code(ErrorCode::UnknownLeaderEpoch.code())
-                            .with_leader_epoch(-1)
-                            .with_end_offset(-1),
-                        Ok(l) => r
-                            .with_leader_epoch(0)
-                            .with_end_offset(l.end_offset() as i64),
+                    let r = EpochEndOffset::default()
+                        .with_partition(p.partition)
+                        .with_leader_epoch(-1)
+                        .with_end_offset(-1);
+                    let answer = state
+                        .ledger(&name, p.partition)
+                        // A name Kafka could not hold is a partition it
+                        // does not host.
+                        .map_err(|e| match e {
+                            ErrorCode::InvalidTopicException => ErrorCode::UnknownTopicOrPartition,
+                            e => e,
+                        })
+                        .and_then(|l| {
+                            end_offset_for_epoch(
+                                p.current_leader_epoch,
+                                p.leader_epoch,
+                                l.start_offset(),
+                                l.end_offset(),
+                            )
+                        });
+                    match answer {
+                        Ok((epoch, end)) => r.with_leader_epoch(epoch).with_end_offset(end),
+                        Err(e) => r.with_error_code(e.code()),
                     }
                 })
                 .collect();
@@ -154,6 +179,33 @@ pub(crate) fn offset_for_leader_epoch(
         })
         .collect();
     OffsetForLeaderEpochResponse::default().with_topics(topics)
+}
+
+/// `(leader_epoch, end_offset)` for `requested` on a partition whose only
+/// epoch is [`LEADER_EPOCH`], covering `[start, end)`: Kafka's
+/// `LeaderEpochFileCache::endOffsetFor` over a one-entry cache.
+///
+/// - the current epoch: the log end offset (what a consumer validating
+///   its position after a rebalance needs);
+/// - -1 (undefined) or an epoch newer than any: `(-1, -1)`, no error
+///   (the client treats it as "no epoch at or below mine": truncation);
+/// - an epoch older than any known: itself, with the start offset of the
+///   first epoch after it (the log start).
+///
+/// # Errors
+/// The [`check_current_leader_epoch`] errors for `current`.
+fn end_offset_for_epoch(
+    current: i32,
+    requested: i32,
+    start: u64,
+    end: u64,
+) -> Result<(i32, i64), ErrorCode> {
+    check_current_leader_epoch(current)?;
+    Ok(match requested {
+        LEADER_EPOCH => (LEADER_EPOCH, end as i64),
+        e if e == -1 || e > LEADER_EPOCH => (-1, -1),
+        e => (e, start as i64),
+    })
 }
 
 pub(crate) async fn delete_records(
@@ -240,7 +292,8 @@ pub(crate) async fn offset_commit(
                 l.seek(&c, committed);
                 c.set_property(
                     COMMIT_OFFSET_PROPERTY,
-                    &commit_offset_property(committed, c.mark_delete()),
+                    // committed_leader_epoch is -1 (none) below v6.
+                    &commit_offset_property(committed, c.mark_delete(), p.committed_leader_epoch),
                 );
                 c.set_property(
                     COMMIT_METADATA_PROPERTY,
@@ -282,8 +335,9 @@ pub(crate) async fn offset_commit(
     OffsetCommitResponse::default().with_topics(topics)
 }
 
-/// A partition's committed offset and metadata, or why there is none.
-type Committed = Result<(i64, String), ErrorCode>;
+/// A partition's committed offset, its leader epoch and metadata, or why
+/// there is none.
+type Committed = Result<(i64, i32, String), ErrorCode>;
 
 /// `(topic, [(partition, commit)])` of a group's commits.
 fn committed(
@@ -318,18 +372,22 @@ fn committed(
                 .into_iter()
                 .map(|p| {
                     let r = match state.ledger(&t, p) {
-                        Err(ErrorCode::UnknownTopicOrPartition) => Ok((-1, String::new())),
+                        Err(ErrorCode::UnknownTopicOrPartition) => Ok((-1, -1, String::new())),
                         Err(e) => Err(e),
                         Ok(l) => Ok(match l.cursor(&cursor_name) {
-                            Some(c) => (
-                                reported_commit(
+                            Some(c) => {
+                                let r = reported_commit(
                                     c.property(COMMIT_OFFSET_PROPERTY).as_deref(),
                                     c.mark_delete(),
                                     l.start_offset(),
-                                ) as i64,
-                                c.property(COMMIT_METADATA_PROPERTY).unwrap_or_default(),
-                            ),
-                            None => (-1, String::new()),
+                                );
+                                (
+                                    r.offset as i64,
+                                    r.leader_epoch,
+                                    c.property(COMMIT_METADATA_PROPERTY).unwrap_or_default(),
+                                )
+                            }
+                            None => (-1, -1, String::new()),
                         }),
                     };
                     (p, r)
@@ -370,11 +428,12 @@ pub(crate) fn offset_fetch(
                                                     .with_partition_index(p)
                                                     .with_committed_leader_epoch(-1);
                                                 match r {
-                                                    Ok((o, m)) => {
-                                                        x.with_committed_offset(o).with_metadata(
-                                                            Some(StrBytes::from_string(m)),
-                                                        )
-                                                    }
+                                                    Ok((o, e, m)) => x
+                                                        .with_committed_offset(o)
+                                                        .with_committed_leader_epoch(e)
+                                                        .with_metadata(Some(
+                                                            StrBytes::from_string(m),
+                                                        )),
                                                     Err(e) => x
                                                         .with_committed_offset(-1)
                                                         .with_error_code(e.code()),
@@ -407,8 +466,11 @@ pub(crate) fn offset_fetch(
                                     .with_partition_index(p)
                                     .with_committed_leader_epoch(-1);
                                 match r {
-                                    Ok((o, m)) => x
+                                    // committed_leader_epoch exists from
+                                    // v5; the encoder skips it below.
+                                    Ok((o, e, m)) => x
                                         .with_committed_offset(o)
+                                        .with_committed_leader_epoch(e)
                                         .with_metadata(Some(StrBytes::from_string(m))),
                                     Err(e) => x.with_committed_offset(-1).with_error_code(e.code()),
                                 }
@@ -451,4 +513,31 @@ pub(crate) async fn delete_group_cursors(state: &State, group: &str) -> bool {
         }
     }
     any
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_offsets_follow_kafkas_epoch_cache() {
+        // A partition holding [4, 10) in its one epoch.
+        let at = |current, requested| end_offset_for_epoch(current, requested, 4, 10);
+        // The current epoch ends at the log end offset, whether or not the
+        // client says which epoch it believes current.
+        assert_eq!(at(-1, LEADER_EPOCH), Ok((LEADER_EPOCH, 10)));
+        assert_eq!(at(LEADER_EPOCH, LEADER_EPOCH), Ok((LEADER_EPOCH, 10)));
+        // Undefined, or newer than any epoch: undefined, without an error.
+        assert_eq!(at(-1, -1), Ok((-1, -1)));
+        assert_eq!(at(-1, LEADER_EPOCH + 1), Ok((-1, -1)));
+        // Older than any known epoch: itself, ending where the first epoch
+        // after it starts (the log start).
+        assert_eq!(at(-1, -5), Ok((-5, 4)));
+        // The client's current epoch is checked first.
+        assert_eq!(
+            at(LEADER_EPOCH + 1, LEADER_EPOCH),
+            Err(ErrorCode::UnknownLeaderEpoch)
+        );
+        assert_eq!(at(-3, LEADER_EPOCH), Err(ErrorCode::FencedLeaderEpoch));
+    }
 }

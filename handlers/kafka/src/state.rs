@@ -119,3 +119,22 @@ impl State {
 pub(crate) fn topic_uuid(meta: &TopicMeta) -> uuid::Uuid {
     uuid::Uuid::from_u128(meta.id)
 }
+
+/// The leader epoch of every partition. One gateway has led each partition
+/// since it was created, so there is one epoch, starting at the log start:
+/// Metadata, ListOffsets, the `partitionLeaderEpoch` of fetched batches and
+/// OffsetForLeaderEpoch all report this value, so a client's view of the
+/// epoch and the epochs in its committed offsets agree.
+pub(crate) const LEADER_EPOCH: i32 = 0;
+
+/// A request's `current_leader_epoch` checked against [`LEADER_EPOCH`], as
+/// a Kafka partition leader checks it: -1 means "not given" and passes; an
+/// older epoch is FENCED_LEADER_EPOCH (the client's metadata is stale), a
+/// newer one UNKNOWN_LEADER_EPOCH (this broker is behind the client).
+pub(crate) fn check_current_leader_epoch(current: i32) -> Result<(), ErrorCode> {
+    match current {
+        -1 | LEADER_EPOCH => Ok(()),
+        e if e < LEADER_EPOCH => Err(ErrorCode::FencedLeaderEpoch),
+        _ => Err(ErrorCode::UnknownLeaderEpoch),
+    }
+}
