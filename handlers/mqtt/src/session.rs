@@ -1434,7 +1434,7 @@ impl Conn {
             self.session.record.will = will
                 .as_ref()
                 .filter(|(_, delay)| *delay > 0)
-                .map(|(w, delay)| StoredWill::new(w, now + i64::from(*delay) * 1000));
+                .map(|(w, delay)| Box::new(StoredWill::new(w, now + i64::from(*delay) * 1000)));
             match shared
                 .store_session(&self.client_id, &self.session.record)
                 .await

@@ -65,9 +65,9 @@ pub(crate) struct SessionRecord {
     /// Outgoing QoS 2 packet ids whose PUBREC arrived (PUBREL owed).
     #[serde(default)]
     pub(crate) pubrel: Vec<u16>,
-    /// A will waiting for its delay, so that a restart does not lose it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) will: Option<StoredWill>,
+    /// A will waiting for its delay, so that a restart does not lose it
+    /// (boxed: every connection holds a record, few hold a will).
+    pub(crate) will: Option<Box<StoredWill>>,
 }
 
 /// A delayed will as persisted with its session: published at `at_ms`
@@ -790,7 +790,7 @@ mod tests {
         };
         let rec = SessionRecord {
             expiry: 300,
-            will: Some(StoredWill::new(&will, 1234)),
+            will: Some(Box::new(StoredWill::new(&will, 1234))),
             ..SessionRecord::default()
         };
         let json = serde_json::to_string(&rec).unwrap();

@@ -5,6 +5,7 @@
 //! mqtt-bench --broker NAME=PORT:PID [--broker ...] [--baseline NAME]
 //!            [--seconds 5] [--size 64] [--window 32] [--conns 10000]
 //!            [--only TEXT]   (only the load rows whose name contains TEXT)
+//!            [--rate 20000]  (deliveries/s of the fixed-rate rows; 0: none)
 //! ```
 //!
 //! For each broker, one after the other:
@@ -19,6 +20,10 @@
 //!   payload carries the send time; one process, one clock); broker CPU
 //!   is the broker process's user + system time (all threads, from
 //!   `/proc/PID/stat`) over the measured seconds per delivered message;
+//! - three more QoS 1 runs at a fixed rate (`--rate` deliveries/s in all,
+//!   one every broker sustains; each publisher sends on a schedule, still
+//!   bounded by the window): latency at the same load, where the
+//!   closed-loop rows compare each broker at its own saturation;
 //! - idle memory: `--conns` connections (CONNECT, clean session,
 //!   keep-alive 600 s, nothing else) and the broker's RSS
 //!   (`/proc/PID/status`) before and after, divided by the count.
@@ -299,6 +304,7 @@ async fn publisher(
     size: usize,
     window: u64,
     fan: u64,
+    rate: f64,
     run: Arc<Run>,
 ) -> io::Result<()> {
     let (mut r, mut wr) = connect(port, &format!("bench-p{idx}-{}", std::process::id())).await?;
@@ -308,10 +314,19 @@ async fn publisher(
     let mut sent: u64 = 0;
     let mut inflight: u64 = 0;
     let mut pkid: u16 = 0;
+    // Fixed rate: message k is due at start + k / rate, and its latency
+    // counts from then (a broker that holds the window full is charged
+    // for the wait too: no coordinated omission).
+    let start = run.base.elapsed().as_nanos() as u64;
+    let due = |k: u64| start + (k as f64 * 1e9 / rate) as u64;
     while !run.stop.load(Ordering::Relaxed) {
         let delivered = run.delivered[idx].load(Ordering::Relaxed);
         while sent * fan - delivered.min(sent * fan) < window * fan && inflight < window {
-            let ts = run.base.elapsed().as_nanos() as u64;
+            let now = run.base.elapsed().as_nanos() as u64;
+            if rate > 0.0 && due(sent) > now {
+                break;
+            }
+            let ts = if rate > 0.0 { due(sent) } else { now };
             payload[4..12].copy_from_slice(&ts.to_le_bytes());
             pkid = pkid.wrapping_add(1).max(1);
             publish_pkt(&mut out, &topic, qos, pkid, &payload);
@@ -324,11 +339,17 @@ async fn publisher(
             wr.write_all(&out).await?;
             out.clear();
         }
+        let pause = if rate > 0.0 {
+            let now = run.base.elapsed().as_nanos() as u64;
+            Duration::from_nanos(due(sent).saturating_sub(now).clamp(1, 50_000_000))
+        } else {
+            Duration::from_millis(50)
+        };
         if qos > 0 {
             tokio::select! {
                 r = r.fill() => { if !r? { return Err(io::ErrorKind::UnexpectedEof.into()); } }
                 _ = run.wake[idx].notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
             while let Some((first, _)) = r.pop() {
                 if first >> 4 == 4 {
@@ -338,7 +359,7 @@ async fn publisher(
         } else {
             tokio::select! {
                 _ = run.wake[idx].notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -372,6 +393,7 @@ async fn load(
     secs: f64,
     size: usize,
     window: u64,
+    rate: f64,
 ) -> io::Result<LoadResult> {
     let run = Arc::new(Run {
         base: Instant::now(),
@@ -417,6 +439,7 @@ async fn load(
             size,
             window,
             shape.subs_per_topic as u64,
+            rate / (shape.subs_per_topic * shape.pubs) as f64,
             run.clone(),
         )));
     }
@@ -513,7 +536,7 @@ struct Broker {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT]");
+    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT] [--rate R]");
     std::process::exit(2)
 }
 
@@ -523,6 +546,7 @@ async fn main() {
     let (mut baseline, mut secs, mut size, mut window, mut conns) =
         (None, 5.0, 64usize, 32u64, 10_000usize);
     let mut only: Option<String> = None;
+    let mut rate = 20_000.0;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_else(|| usage());
@@ -543,6 +567,7 @@ async fn main() {
             "--window" => window = v().parse().unwrap_or_else(|_| usage()),
             "--conns" => conns = v().parse().unwrap_or_else(|_| usage()),
             "--only" => only = Some(v()),
+            "--rate" => rate = v().parse().unwrap_or_else(|_| usage()),
             _ => usage(),
         }
     }
@@ -555,17 +580,25 @@ async fn main() {
     let mut rows = Vec::new();
     for shape in SHAPES {
         for qos in [0u8, 1] {
-            let row = format!("{} QoS {qos}", shape.name);
-            if only.as_ref().is_none_or(|o| row.contains(o.as_str())) {
-                rows.push((row, shape, qos));
-            }
+            rows.push((format!("{} QoS {qos}", shape.name), shape, qos, 0.0));
         }
     }
+    if rate > 0.0 {
+        for shape in SHAPES {
+            rows.push((
+                format!("{} QoS 1 at {rate:.0} msg/s", shape.name),
+                shape,
+                1,
+                rate,
+            ));
+        }
+    }
+    rows.retain(|r| only.as_ref().is_none_or(|o| r.0.contains(o.as_str())));
     for b in &brokers {
-        for (row, shape, qos) in &rows {
+        for (row, shape, qos, rate) in &rows {
             let r = match tokio::time::timeout(
                 Duration::from_secs_f64(secs + 20.0),
-                load(b.port, b.pid, *shape, *qos, secs, size, window),
+                load(b.port, b.pid, *shape, *qos, secs, size, window, *rate),
             )
             .await
             {
@@ -625,7 +658,7 @@ async fn main() {
         t.push_str("---:|---:|---:|---:|");
     }
     t.push_str("---|\n");
-    for (row, _, _) in &rows {
+    for (row, _, _, _) in &rows {
         t.push_str(&format!("| {row} | "));
         for b in &brokers {
             let r = results[&(row.clone(), b.name.clone())];
