@@ -245,3 +245,56 @@ def test_resumed_session_has_no_will_left_after_sigkill(gateway_factory):
     assert w.session_present
     w.nothing(3.5)  # past the delay: nothing
     w.close()
+
+
+def test_incoming_qos2_is_stored_once_across_sigkill(gateway_factory):
+    """MQTT 4.3.3: a QoS 2 PUBLISH that got its PUBREC is stored once, even
+    when the client resends it (DUP) after the gateway was SIGKILLed before
+    the PUBREL: the packet id's state is stored with the persistent session
+    before the PUBREC goes out. Its PUBREL then frees the id for good: a
+    new message with the same id after another SIGKILL is stored."""
+    gw = gateway_factory(["mqtt"])
+    sub = Client(gw.port("mqtt"), "q2in-sub", V311, clean=False).connect()
+    sub.c.reconnect_delay_set(60, 120)
+    assert sub.sub("q2in/t", qos=2) == [2]
+    sub.drop()
+
+    def publisher():
+        raw = Raw(gw.port("mqtt"))
+        raw.send(connect_packet("q2in-pub", clean=False))
+        r = PacketReader(raw)
+        t, _, body = r.next()
+        assert t == 2 and body[1] == 0, (t, body)
+        return raw, r, body[0] & 1 == 1
+
+    def publish(raw, r, payload, dup=False):
+        raw.send(packet(0x34 | (0x08 if dup else 0), s("q2in/t") + struct.pack(">H", 7) + payload))
+        assert r.next() == (5, 0, struct.pack(">H", 7)), "PUBREC"
+
+    def release(raw, r):
+        raw.send(packet(0x62, struct.pack(">H", 7)))
+        assert r.next() == (7, 0, struct.pack(">H", 7)), "PUBCOMP"
+
+    raw, r, _ = publisher()
+    publish(raw, r, b"once")  # PUBREC'd; the client "lost" it and has no PUBREL
+    gw.kill()
+    gw.restart()
+    raw, r, present = publisher()
+    assert present
+    publish(raw, r, b"once", dup=True)  # resent: not stored again
+    release(raw, r)
+    publish(raw, r, b"second")  # the id is free again
+    release(raw, r)
+    raw.close()
+    time.sleep(0.3)
+    gw.kill()
+    gw.restart()
+    raw, r, _ = publisher()
+    publish(raw, r, b"third")  # a new message with id 7: stored
+    release(raw, r)
+    raw.close()
+    sub = Client(gw.port("mqtt"), "q2in-sub", V311, clean=False).connect()
+    got = sub.get_n(3, timeout=10)
+    assert [m.payload for m in got] == [b"once", b"second", b"third"]
+    sub.nothing(1.5)
+    sub.close()

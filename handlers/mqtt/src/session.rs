@@ -113,6 +113,11 @@ struct Conn {
     /// their cursors only once the owed PUBREL is stored, so that after a
     /// crash the PUBREL is sent again rather than the message lost.
     rel_acks: Vec<(Arc<Cursor>, u64)>,
+    /// PUBREC and PUBCOMP packets of a persistent session, held until the
+    /// session record is stored (`true`: the packet changed the stored
+    /// QoS 2 state), so that they go out only once that state survives a
+    /// crash, and in order.
+    held: Vec<(bool, Packet)>,
 }
 
 /// A client's PUBLISH whose append is in flight.
@@ -436,6 +441,7 @@ async fn handshake(
         will,
         acks: VecDeque::new(),
         rel_acks: Vec::new(),
+        held: Vec::new(),
         shared: shared.clone(),
     });
     // Resuming the session cancels a will waiting for its delay.
@@ -552,6 +558,9 @@ impl Conn {
                 };
                 self.send_publish(p.publish, p.qos, true, p.sub_ids, Source::default());
             }
+            if !self.rel_acks.is_empty() || !self.held.is_empty() {
+                Box::pin(self.store_held()).await;
+            }
             self.flush(wr).await?;
             let ka_deadline = ka.map_or_else(
                 || Instant::now() + Duration::from_secs(86_400),
@@ -613,9 +622,6 @@ impl Conn {
                             }
                         }
                     }
-                    if !self.rel_acks.is_empty() {
-                        Box::pin(self.store_pubrels()).await;
-                    }
                     // An idle connection keeps no read buffer.
                     if rbuf.is_empty() {
                         rbuf = BytesMut::new();
@@ -676,6 +682,9 @@ impl Conn {
                 self.feed_rx = rx;
             }
         };
+        if !self.rel_acks.is_empty() || !self.held.is_empty() {
+            Box::pin(self.store_held()).await;
+        }
         self.flush(wr).await?;
         Ok(end)
     }
@@ -714,7 +723,7 @@ impl Conn {
                         f.released = true;
                         match (&f.cursor, &f.origin) {
                             // Acknowledged once the owed PUBREL is stored
-                            // (`store_pubrels`).
+                            // (`store_held`).
                             (Some(c), Some((_, off))) if self.expiry > 0 => {
                                 self.rel_acks.push((c.clone(), *off));
                             }
@@ -739,11 +748,16 @@ impl Conn {
             }
             Packet::PubRel(a) => {
                 let found = self.session.qos2_in.remove(&a.pkid);
+                let stored = &mut self.session.record.qos2_in;
+                let was_stored = stored
+                    .iter()
+                    .position(|&x| x == a.pkid)
+                    .map(|i| stored.swap_remove(i));
                 let mut r = Ack::ok(a.pkid);
                 if !found {
                     r.reason = ReasonCode::PacketIdentifierNotFound.code();
                 }
-                self.wbuf_packet(&Packet::PubComp(r));
+                self.send_rec_comp(was_stored.is_some(), Packet::PubComp(r));
             }
             Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
@@ -807,8 +821,12 @@ impl Conn {
             if self.session.qos2_in.contains(&p.pkid) {
                 // A resent PUBLISH: answered once its first copy is
                 // durable (if that is still pending), else at once.
-                if !self.acks.iter().any(|a| a.qos == 2 && a.pkid == p.pkid) {
-                    self.wbuf_packet(&Packet::PubRec(Ack::ok(p.pkid)));
+                let held =
+                    |h: &(bool, Packet)| matches!(&h.1, Packet::PubRec(a) if a.pkid == p.pkid);
+                if !self.acks.iter().any(|a| a.qos == 2 && a.pkid == p.pkid)
+                    && !self.held.iter().any(held)
+                {
+                    self.send_rec_comp(false, Packet::PubRec(Ack::ok(p.pkid)));
                 }
                 return None;
             }
@@ -896,7 +914,13 @@ impl Conn {
             Ok(()) => {
                 match qos {
                     1 => self.wbuf_packet(&Packet::PubAck(Ack::ok(pkid))),
-                    2 => self.wbuf_packet(&Packet::PubRec(Ack::ok(pkid))),
+                    2 => {
+                        let persistent = self.expiry > 0;
+                        if persistent {
+                            self.session.record.qos2_in.push(pkid);
+                        }
+                        self.send_rec_comp(persistent, Packet::PubRec(Ack::ok(pkid)));
+                    }
                     _ => {}
                 }
                 None
@@ -915,11 +939,11 @@ impl Conn {
         if self.v == Version::V5 && qos > 0 {
             let mut a = Ack::ok(pkid);
             a.reason = rc.code();
-            self.wbuf_packet(&if qos == 1 {
-                Packet::PubAck(a)
+            if qos == 1 {
+                self.wbuf_packet(&Packet::PubAck(a));
             } else {
-                Packet::PubRec(a)
-            });
+                self.send_rec_comp(false, Packet::PubRec(a));
+            }
             return None;
         }
         // 3.x cannot report a failed publish: close, as the spec asks.
@@ -1366,24 +1390,45 @@ impl Conn {
         }
     }
 
-    /// Gives the session back (or ends it), publishes the will when due.
-    /// Stores the session record with the PUBRELs now owed, then
-    /// acknowledges their deliveries (one store for all the PUBRECs of a
-    /// read). If the store fails they stay unacknowledged: a crash then
-    /// redelivers them (at least once) instead of losing them.
-    async fn store_pubrels(&mut self) {
+    /// A PUBREC or PUBCOMP: written at once, or for a persistent session
+    /// held until [`Conn::store_held`] has stored the session (`changed`:
+    /// the packet's QoS 2 state is in the record and must be stored first;
+    /// packets that changed nothing are held too, to keep the order).
+    fn send_rec_comp(&mut self, changed: bool, p: Packet) {
+        if self.expiry > 0 {
+            self.held.push((changed, p));
+        } else {
+            self.wbuf_packet(&p);
+        }
+    }
+
+    /// Stores the session record once for everything held since the last
+    /// store, then lets it go: QoS 2 deliveries PUBREC'd by the client are
+    /// acknowledged on their cursors (their owed PUBREL is in the record),
+    /// and held PUBREC / PUBCOMP packets are written (the incoming QoS 2
+    /// state they announce is in the record). If the store fails the
+    /// deliveries stay unacknowledged (a crash redelivers them, at least
+    /// once) and the packets are written anyway: the state in memory is
+    /// right, only a crash could lose it.
+    async fn store_held(&mut self) {
         let acks = std::mem::take(&mut self.rel_acks);
-        match self
-            .shared
-            .store_session(&self.client_id, &self.session.record)
-            .await
-        {
-            Ok(()) => {
-                for (c, off) in acks {
-                    c.ack(off);
+        let held = std::mem::take(&mut self.held);
+        if !acks.is_empty() || held.iter().any(|h| h.0) {
+            match self
+                .shared
+                .store_session(&self.client_id, &self.session.record)
+                .await
+            {
+                Ok(()) => {
+                    for (c, off) in acks {
+                        c.ack(off);
+                    }
                 }
+                Err(e) => tracing::warn!(error = %e, "could not store the session's QoS 2 state"),
             }
-            Err(e) => tracing::warn!(error = %e, "could not store owed PUBRELs"),
+        }
+        for (_, p) in held {
+            self.wbuf_packet(&p);
         }
     }
 

@@ -65,6 +65,11 @@ pub(crate) struct SessionRecord {
     /// Outgoing QoS 2 packet ids whose PUBREC arrived (PUBREL owed).
     #[serde(default)]
     pub(crate) pubrel: Vec<u16>,
+    /// Incoming QoS 2 packet ids whose message is stored and whose PUBREL
+    /// has not come yet: a PUBLISH resent with one of them after a restart
+    /// is not stored again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) qos2_in: Vec<u16>,
     /// A will waiting for its delay, so that a restart does not lose it
     /// (boxed: every connection holds a record, few hold a will).
     pub(crate) will: Option<Box<StoredWill>>,
@@ -165,7 +170,9 @@ pub(crate) struct Session {
     /// Outgoing QoS 1/2 messages that were sent but not acknowledged when
     /// the last connection ended: redelivered with DUP and the same id.
     pub(crate) redeliver: HashMap<(FeedKey, u64), u16>,
-    /// Incoming QoS 2 packet ids awaiting PUBREL.
+    /// Incoming QoS 2 packet ids awaiting PUBREL, including those whose
+    /// append is still pending (the record's `qos2_in` has only the
+    /// stored ones).
     pub(crate) qos2_in: std::collections::HashSet<u16>,
 }
 
@@ -536,6 +543,7 @@ impl Shared {
                     online: None,
                     expires_at_ms: expiry_deadline(rec.expiry, disconnected),
                     stored: Some(Box::new(Session {
+                        qos2_in: rec.qos2_in.iter().copied().collect(),
                         record: rec,
                         ..Session::default()
                     })),
