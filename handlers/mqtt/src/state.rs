@@ -72,6 +72,7 @@ pub(crate) struct SessionRecord {
     pub(crate) qos2_in: Vec<u16>,
     /// A will waiting for its delay, so that a restart does not lose it
     /// (boxed: every connection holds a record, few hold a will).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) will: Option<Box<StoredWill>>,
 }
 
@@ -813,7 +814,8 @@ mod tests {
         let old = r#"{"expiry":10,"subs":[],"disconnected_ms":5}"#;
         let rec: SessionRecord = serde_json::from_str(old).unwrap();
         assert!(rec.will.is_none());
-        assert!(!serde_json::to_string(&rec).unwrap().contains("will"));
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(!json.contains("will"), "{json}");
     }
 
     #[test]
