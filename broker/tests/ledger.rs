@@ -52,6 +52,77 @@ async fn append_and_read_across_segments() {
 }
 
 #[tokio::test]
+async fn the_zeros_kept_ahead_of_appends_are_the_clean_end_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let l = open(dir.path(), policy(8 << 20));
+    for i in 0..10u8 {
+        l.append(entry(vec![i; 100], 1, 0)).await.unwrap();
+    }
+    // While open, the segment file holds zeros past the last entry, so a
+    // group commit's fdatasync does not have to write the file size.
+    let logical = l.stats().size_bytes;
+    let on_disk = std::fs::metadata(&seg).unwrap().len();
+    assert!(on_disk >= 1 << 20 && on_disk > logical, "{on_disk} vs {logical}");
+    // A crash leaves them there: copy the files as they are now.
+    let crashed = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir.path()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), crashed.path().join(f.file_name())).unwrap();
+    }
+    l.close().await;
+    // Closed cleanly, the segment ends at its last entry.
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), logical);
+    let l = open(crashed.path(), policy(8 << 20));
+    assert_eq!(l.end_offset(), 10);
+    assert_eq!(l.stats().size_bytes, logical);
+    let e = l.read(9, 1).await.unwrap();
+    assert_eq!(e[0].payload.as_ref(), &[9u8; 100][..]);
+    assert_eq!(l.append(entry("next", 1, 0)).await.unwrap().base_offset, 10);
+    assert_eq!(l.read(10, 1).await.unwrap()[0].payload.as_ref(), b"next");
+    l.close().await;
+    // A torn entry inside the zeros is still a torn tail: dropped.
+    let l = open(crashed.path(), policy(8 << 20));
+    assert_eq!(l.end_offset(), 11);
+    l.close().await;
+    let seg = crashed.path().join("00000000000000000000.log");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&seg).unwrap();
+    f.set_len(len + 4096).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x30, 0, 0, 0, 1, 2, 3], len).unwrap();
+    drop(f);
+    let l = open(crashed.path(), policy(8 << 20));
+    assert_eq!(l.end_offset(), 11);
+    assert_eq!(l.append(entry("after", 1, 0)).await.unwrap().base_offset, 11);
+    l.close().await;
+    assert_eq!(std::fs::metadata(&seg).unwrap().len(), l.stats().size_bytes);
+}
+
+#[tokio::test]
+async fn sealed_segments_end_at_their_last_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(4096));
+    for i in 1..=100u8 {
+        l.append(entry(vec![i; 200], 1, 0)).await.unwrap(); // no zero byte
+    }
+    assert!(l.stats().segments > 2);
+    let mut logs: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|f| f.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop(); // the active one
+    for p in logs {
+        let len = std::fs::metadata(&p).unwrap().len();
+        assert!(len <= 4096 + 300, "{}: {len} bytes", p.display());
+        let bytes = std::fs::read(&p).unwrap();
+        assert_ne!(bytes.last(), Some(&0), "{} ends in zeros", p.display());
+    }
+    l.close().await;
+}
+
+#[tokio::test]
 async fn recovery_truncates_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), policy(1 << 20));

@@ -461,7 +461,18 @@ impl Ledger {
                 .map_err(|e| BrokerError::io(&path, e))?;
             }
             let next_base = bases.get(i + 1).copied();
-            if let Some(why) = res.stopped {
+            let zero_tail = res.stopped.is_some()
+                && segment::is_zero(&file, res.valid_size, size)
+                    .map_err(|e| BrokerError::io(&path, e))?;
+            if zero_tail {
+                // The zeros the writer keeps ahead of its appends
+                // (`segment::ZERO_AHEAD`): the clean end of the segment.
+                tracing::debug!(ledger = name, segment = %path.display(),
+                    valid_bytes = res.valid_size, file_bytes = size, "dropping the zeros after the last entry");
+                file.set_len(res.valid_size)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| BrokerError::io(&path, e))?;
+            } else if let Some(why) = res.stopped {
                 tracing::warn!(
                     ledger = name,
                     segment = %path.display(),
@@ -1154,6 +1165,9 @@ struct Writer {
     /// A write failed and could not be undone: refuse further appends.
     failed: bool,
     buf: Vec<u8>,
+    /// The active segment's file holds zeros from `size` up to here
+    /// (`segment::ZERO_AHEAD`).
+    zeroed_to: u64,
 }
 
 impl Writer {
@@ -1174,6 +1188,7 @@ impl Writer {
             .map(|p| p.pos);
         Ok(Writer {
             size: active.size(),
+            zeroed_to: active.size(),
             next_offset: active.end(),
             max_ts: active.max_timestamp.load(Ordering::Acquire),
             last_index_pos,
@@ -1276,6 +1291,11 @@ impl Writer {
                     let (w, _) = self
                         .blocking(|mut w| {
                             let r = w.sync();
+                            // Closed cleanly, the segment ends at its last
+                            // entry (only a crash leaves the zeros ahead).
+                            if w.zeroed_to > w.size && w.active.file.set_len(w.size).is_ok() {
+                                w.zeroed_to = w.size;
+                            }
                             (w, r)
                         })
                         .await;
@@ -1319,9 +1339,11 @@ impl Writer {
     }
 
     fn roll(&mut self) -> Result<()> {
+        // A sealed segment ends at its last entry.
         self.active
             .file
-            .sync_all()
+            .set_len(self.size)
+            .and_then(|()| self.active.file.sync_all())
             .map_err(|e| BrokerError::io(&self.active.path, e))?;
         self.active.write_index_files(&self.ledger.dir)?;
         let seg = Arc::new(Segment::create(&self.ledger.dir, self.next_offset)?);
@@ -1333,10 +1355,28 @@ impl Writer {
             .insert(self.next_offset, seg.clone());
         self.active = seg;
         self.size = 0;
+        self.zeroed_to = 0;
         self.max_ts = i64::MIN;
         self.last_index_pos = None;
         self.opened_at = Instant::now();
         self.dirty = false;
+        Ok(())
+    }
+
+    /// Makes sure the active segment's file has bytes (zeros) up to at
+    /// least `end`, writing [`segment::ZERO_AHEAD`] steps of zeros, but not
+    /// far past the size at which the segment rolls.
+    fn zero_ahead(&mut self, end: u64) -> std::io::Result<()> {
+        if end <= self.zeroed_to {
+            return Ok(());
+        }
+        let step = segment::ZERO_AHEAD;
+        let to = end
+            .div_ceil(step)
+            .saturating_mul(step)
+            .min(end.max(self.policy.segment_bytes));
+        segment::write_zeros(&self.active.file, self.zeroed_to.max(self.size), to)?;
+        self.zeroed_to = to;
         Ok(())
     }
 
@@ -1421,10 +1461,10 @@ impl Writer {
                 i += 1;
             }
             let t0 = Instant::now();
+            let end = start_size + self.buf.len() as u64;
             let write = self
-                .active
-                .file
-                .write_all_at(&self.buf, start_size)
+                .zero_ahead(end)
+                .and_then(|()| self.active.file.write_all_at(&self.buf, start_size))
                 .and_then(|()| {
                     let written = t0.elapsed();
                     metrics::counter!("manifold_ledger_write_micros_total")
@@ -1453,6 +1493,7 @@ impl Writer {
                 let err = BrokerError::io(&self.active.path, e);
                 tracing::error!(ledger = %self.ledger.name, error = %err, "append failed");
                 // Undo the partial write so later appends follow valid data.
+                self.zeroed_to = start_size;
                 if let Err(e2) = self.active.file.set_len(start_size) {
                     tracing::error!(ledger = %self.ledger.name, error = %e2,
                         "could not truncate after a failed append; ledger refuses further appends");
