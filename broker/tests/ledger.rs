@@ -63,7 +63,10 @@ async fn the_zeros_kept_ahead_of_appends_are_the_clean_end_after_a_crash() {
     // group commit's fdatasync does not have to write the file size.
     let logical = l.stats().size_bytes;
     let on_disk = std::fs::metadata(&seg).unwrap().len();
-    assert!(on_disk >= 1 << 20 && on_disk > logical, "{on_disk} vs {logical}");
+    assert!(
+        on_disk >= 1 << 20 && on_disk > logical,
+        "{on_disk} vs {logical}"
+    );
     // A crash leaves them there: copy the files as they are now.
     let crashed = tempfile::tempdir().unwrap();
     for f in std::fs::read_dir(dir.path()).unwrap() {
@@ -93,7 +96,10 @@ async fn the_zeros_kept_ahead_of_appends_are_the_clean_end_after_a_crash() {
     drop(f);
     let l = open(crashed.path(), policy(8 << 20));
     assert_eq!(l.end_offset(), 11);
-    assert_eq!(l.append(entry("after", 1, 0)).await.unwrap().base_offset, 11);
+    assert_eq!(
+        l.append(entry("after", 1, 0)).await.unwrap().base_offset,
+        11
+    );
     l.close().await;
     assert_eq!(std::fs::metadata(&seg).unwrap().len(), l.stats().size_bytes);
 }
