@@ -155,19 +155,33 @@ async fn append_run(
 }
 
 /// Writes `total` bytes sequentially to a plain file with `fsyncs` evenly
-/// spaced fdatasyncs; returns MB/s.
-fn raw_write(dir: &Path, total: u64, fsyncs: u64) -> f64 {
+/// spaced fdatasyncs; returns MB/s. Plain appends (`ahead` false) grow the
+/// file with every write, so each fdatasync also writes the file size;
+/// with `ahead` the file keeps zeros up to 1 MiB ahead of the data, as the
+/// ledger's writer does, so that neither has to.
+fn raw_write(dir: &Path, total: u64, fsyncs: u64, ahead: bool) -> f64 {
+    use std::os::unix::fs::FileExt;
+    const AHEAD: u64 = 1 << 20;
     let path = dir.join("raw-ceiling.bin");
-    let mut f = std::fs::File::create(&path).expect("raw file");
+    let f = std::fs::File::create(&path).expect("raw file");
     let chunk = (total / fsyncs.max(1)).max(1) as usize;
     let buf = vec![0x5au8; chunk.min(8 << 20)];
+    let zeros = vec![0u8; AHEAD as usize];
     let t0 = Instant::now();
     let mut written = 0u64;
+    let mut zeroed = 0u64;
     while written < total {
         let mut left = chunk.min((total - written) as usize);
+        let end = written + left as u64;
+        while ahead && zeroed < end {
+            let to = end.div_ceil(AHEAD) * AHEAD;
+            let n = (to - zeroed).min(AHEAD) as usize;
+            f.write_all_at(&zeros[..n], zeroed).expect("write");
+            zeroed += n as u64;
+        }
         while left > 0 {
             let n = left.min(buf.len());
-            f.write_all(&buf[..n]).expect("write");
+            f.write_all_at(&buf[..n], written).expect("write");
             left -= n;
             written += n as u64;
         }
@@ -240,11 +254,11 @@ async fn main() {
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "| policy | msg size | msgs/s | MB/s | fsyncs | raw MB/s (same fsyncs) | ratio | tail msgs/s | read MB/s | raw read MB/s | read ratio |"
+        "| policy | msg size | msgs/s | MB/s | fsyncs | raw MB/s (same fsyncs) | ratio | raw MB/s, zeros ahead | ratio | tail msgs/s | read MB/s | raw read MB/s | read ratio |"
     );
     let _ = writeln!(
         table,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     println!(
         "{PRODUCERS} concurrent producers, one message per entry, {}s x {} rounds per case",
@@ -267,7 +281,8 @@ async fn main() {
                 let dir = base.join(format!("{name}-{size}-{round}"));
                 let (l, r) = append_run(&dir, size, fsync, a.seconds).await;
                 let ledger_mbps = r.bytes as f64 / r.secs / 1e6;
-                let raw = raw_write(&dir, r.bytes, r.fsyncs);
+                let raw = raw_write(&dir, r.bytes, r.fsyncs, false);
+                let raw_ahead = raw_write(&dir, r.bytes, r.fsyncs, true);
                 let reads = if round + 1 == a.rounds {
                     let read = ledger_read(&l).await;
                     Some((read, raw_read(&dir)))
@@ -277,13 +292,13 @@ async fn main() {
                 l.close().await;
                 drop(l);
                 let _ = std::fs::remove_dir_all(&dir);
-                rounds.push((ledger_mbps / raw, ledger_mbps, raw, r, reads));
+                rounds.push((ledger_mbps / raw, ledger_mbps, raw, r, reads, raw_ahead));
             }
             let (read, raw_read) = rounds.iter().find_map(|x| x.4).unwrap_or((0.0, 1.0));
             rounds.sort_by(|x, y| x.0.total_cmp(&y.0));
-            let (ratio, ledger_mbps, raw, r, _) = &rounds[rounds.len() / 2];
+            let (ratio, ledger_mbps, raw, r, _, raw_ahead) = &rounds[rounds.len() / 2];
             let row = format!(
-                "| {} | {} B | {:.0} | {:.1} | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                "| {} | {} B | {:.0} | {:.1} | {} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {:.2} |",
                 name,
                 size,
                 r.messages as f64 / r.secs,
@@ -291,6 +306,8 @@ async fn main() {
                 r.fsyncs,
                 raw,
                 ratio,
+                raw_ahead,
+                ledger_mbps / raw_ahead,
                 r.tail_messages as f64 / r.secs,
                 read,
                 raw_read,
@@ -314,8 +331,10 @@ async fn main() {
     let section = format!(
         "\n## ledger-bench, {date}\n\n`cargo run --release -p broker --bin ledger-bench -- --seconds {} --rounds {}{only}`\n\n\
          {PRODUCERS} concurrent producers append one message per entry. \"raw\" writes the same bytes to a plain file \
-         in the same directory with the same number of fdatasyncs; \"ratio\" is ledger / raw. Each case runs ledger \
-         then raw {} times, alternating, and shows the round with the median ratio. Reads (last round): a catch-up \
+         in the same directory with the same number of fdatasyncs, as plain appends (each fdatasync also writes \
+         the grown file size) and, in \"zeros ahead\", into zeros written up to 1 MiB ahead of the data as the \
+         ledger's writer does (no size to write); each \"ratio\" is ledger / that raw. Each case runs ledger \
+         then both raws {} times, alternating, and shows the round with the median first ratio. Reads (last round): a catch-up \
          read of the whole ledger vs a plain read of its segment files, both from the page cache. \"tail\" is what \
          a concurrent `read_or_wait` reader received.\n\n{table}",
         a.seconds, a.rounds, a.rounds
