@@ -119,6 +119,8 @@ class V5:
         self.c.on_message = lambda cl, u, m: self.messages.put(m)
         self.subacks = _queue.Queue()
         self.c.on_subscribe = lambda cl, u, mid, rcs, props: self.subacks.put(rcs)
+        self.connacks = _queue.Queue()
+        self.c.on_connect = lambda cl, u, flags, rc, props: self.connacks.put(rc)
 
     def connect(self):
         props = None
@@ -127,6 +129,11 @@ class V5:
             props.SessionExpiryInterval = self.session_expiry
         self.c.connect("127.0.0.1", self.port, clean_start=self.clean, properties=props)
         self.c.loop_start()
+        # Wait for the CONNACK: a packet queued while paho's loop thread is
+        # still connecting can sit unsent (seen once: a SUBSCRIBE whose
+        # SUBACK never came, with nothing in the gateway's log).
+        rc = self.connacks.get(timeout=10)
+        assert not rc.is_failure, rc
         return self
 
     def sub(self, topic):
@@ -156,6 +163,16 @@ class V5:
         self.c.loop_stop()
 
 
+def confirming_channel(multi):
+    """A pika connection to the gateway and a channel with publisher
+    confirms on; skips without paho (these tests need an MQTT 5 client)."""
+    pytest.importorskip("paho.mqtt.client")
+    c = pika.BlockingConnection(params(multi.port("amqp")))
+    ch = c.channel()
+    ch.confirm_delivery()
+    return c, ch
+
+
 def props_of(m):
     """The v5 properties of a received message, as a dict of what is set."""
     p = m.properties
@@ -168,10 +185,7 @@ def test_amqp_properties_reach_mqtt5_subscriber(multi):
     """content_type -> Content Type, correlation_id -> Correlation Data,
     reply_to `a.b` -> Response Topic `a/b`, expiration (ms) -> Message Expiry
     Interval (s, what is left)."""
-    pytest.importorskip("paho.mqtt.client")
-    c = pika.BlockingConnection(params(multi.port("amqp")))
-    ch = c.channel()
-    ch.confirm_delivery()
+    c, ch = confirming_channel(multi)
     ch.queue_declare("interop.props-a", durable=True)
     sub = V5(multi.port("mqtt"), "props-a-sub").connect()
     sub.sub("interop/props-a")
@@ -226,11 +240,8 @@ def test_mqtt5_properties_reach_amqp_consumer(multi):
 def test_expired_messages_are_delivered_by_neither_protocol(multi):
     """An AMQP expiration expires the message for an MQTT session, and an MQTT
     Message Expiry Interval expires it in an AMQP queue."""
-    pytest.importorskip("paho.mqtt.client")
     port = multi.port("mqtt")
-    c = pika.BlockingConnection(params(multi.port("amqp")))
-    ch = c.channel()
-    ch.confirm_delivery()
+    c, ch = confirming_channel(multi)
     # AMQP -> an offline persistent MQTT session.
     ch.queue_declare("interop.exp-a", durable=True)
     s = V5(port, "exp-a-sub", clean=True, session_expiry=300).connect()
@@ -262,11 +273,8 @@ def test_request_reply_across_protocols(multi):
     """An AMQP requester and an MQTT responder, then an MQTT requester and an
     AMQP responder, each answering to the reply address and with the
     correlation it was given."""
-    pytest.importorskip("paho.mqtt.client")
     port = multi.port("mqtt")
-    c = pika.BlockingConnection(params(multi.port("amqp")))
-    ch = c.channel()
-    ch.confirm_delivery()
+    c, ch = confirming_channel(multi)
     # AMQP requester -> MQTT responder -> the AMQP reply queue.
     ch.queue_declare("interop.rpc-req", durable=True)
     ch.queue_declare("interop.rpc-replies", durable=True)

@@ -174,11 +174,22 @@ def test_v5_qos2_session_survives_sigkill(gateway_factory):
     s5.close()
 
 
-def persistent_watcher(port, uniq):
-    """A persistent MQTT 5 session subscribed at QoS 1 to `<uniq>/will`."""
+def dropped_with_delayed_will(port, uniq, delay, payload):
+    """A persistent MQTT 5 watcher subscribed at QoS 1 to `<uniq>/will`, and
+    a persistent client `<uniq>-c` that drops (no DISCONNECT) with a will
+    on that topic delayed `delay` seconds; returns the watcher. Neither
+    reconnects behind the test's back."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
     w = Client(port, f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
-    w.c.reconnect_delay_set(60, 120)  # no reconnect behind the test's back
+    w.c.reconnect_delay_set(60, 120)
     assert w.sub(f"{uniq}/will", qos=1) == [1]
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = delay
+    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
+               will=(f"{uniq}/will", payload, 1, False, wp)).connect()
+    c.c.reconnect_delay_set(60, 120)
+    c.drop()
     return w
 
 
@@ -187,18 +198,9 @@ def test_delayed_will_survives_sigkill(gateway_factory):
     is SIGKILLed within the delay. After the restart the will is published
     once, when its delay ends (counted from the drop, not from the restart),
     and a later graceful restart does not publish it again."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
     gw = gateway_factory(["mqtt"])
     uniq = "dwill"
-    port = gw.port("mqtt")
-    w = persistent_watcher(port, uniq)
-    wp = Properties(PacketTypes.WILLMESSAGE)
-    wp.WillDelayInterval = 3
-    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
-               will=(f"{uniq}/will", b"late-will", 1, False, wp)).connect()
-    c.c.reconnect_delay_set(60, 120)
-    c.drop()
+    w = dropped_with_delayed_will(gw.port("mqtt"), uniq, 3, b"late-will")
     dropped = time.monotonic()
     w.nothing(0.7)
     w.drop()  # offline across the crash: its session queues the will
@@ -221,18 +223,10 @@ def test_delayed_will_survives_sigkill(gateway_factory):
 def test_resumed_session_has_no_will_left_after_sigkill(gateway_factory):
     """A delayed will cancelled by resuming the session stays cancelled
     after SIGKILL and restart: the stored session no longer holds it."""
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
     gw = gateway_factory(["mqtt"])
     uniq = "rwill"
     port = gw.port("mqtt")
-    w = persistent_watcher(port, uniq)
-    wp = Properties(PacketTypes.WILLMESSAGE)
-    wp.WillDelayInterval = 2
-    c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300,
-               will=(f"{uniq}/will", b"cancelled", 1, False, wp)).connect()
-    c.c.reconnect_delay_set(60, 120)
-    c.drop()
+    w = dropped_with_delayed_will(port, uniq, 2, b"cancelled")
     w.nothing(0.5)
     c = Client(port, f"{uniq}-c", V5, clean=False, session_expiry=300).connect()
     assert c.session_present
