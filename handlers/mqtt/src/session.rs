@@ -1432,6 +1432,7 @@ impl Conn {
         }
     }
 
+    /// Gives the session back (or ends it), publishes the will when due.
     async fn release(mut self, end: End, gone: CancellationToken) {
         for f in self.feeds.values() {
             f.abort();
