@@ -241,6 +241,79 @@ def test_resumed_session_has_no_will_left_after_sigkill(gateway_factory):
     w.close()
 
 
+def will_watcher(port, uniq):
+    """A persistent MQTT 5 watcher subscribed at QoS 1 to `<uniq>/#`."""
+    w = Client(port, f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    w.c.reconnect_delay_set(60, 120)
+    assert w.sub(f"{uniq}/#", qos=1) == [1]
+    return w
+
+
+def online_with_will(port, client_id, topic, payload, clean=True):
+    """A raw MQTT 3.1.1 connection with a QoS 1 will, CONNACKed."""
+    r = Raw(port)
+    r.send(connect_packet(client_id, clean=clean, will=(topic, payload, 1)))
+    kind, _, body = PacketReader(r).next()
+    assert (kind, body[1]) == (2, 0), "CONNACK accepted"
+    return r
+
+
+def test_wills_of_connections_online_at_sigkill_are_published_after_restart(gateway_factory):
+    """SIGKILL ends every connection without a DISCONNECT, so the restarted
+    gateway publishes the wills of the connections that were online: a
+    clean MQTT 3.1.1 session's, a persistent 3.1.1 session's and a
+    persistent MQTT 5 session's with a will delay of 2 s (counted from the
+    restart). Each once: a later graceful restart publishes none again. A
+    connection that said DISCONNECT before the crash has no will to send,
+    and neither has one whose session was resumed after the restart before
+    its will delay ended."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    gw = gateway_factory(["mqtt"])
+    uniq = "owill"
+    port = gw.port("mqtt")
+    w = will_watcher(port, uniq)
+    clean = online_with_will(port, f"{uniq}-clean", f"{uniq}/clean", b"clean-gone")
+    kept = online_with_will(port, f"{uniq}-kept", f"{uniq}/kept", b"kept-gone", clean=False)
+    polite = online_with_will(port, f"{uniq}-polite", f"{uniq}/polite", b"never")
+    polite.send(b"\xe0\x00")  # DISCONNECT: the will is discarded
+    assert polite.closed_within(5)
+    wp = Properties(PacketTypes.WILLMESSAGE)
+    wp.WillDelayInterval = 2
+    v5 = Client(port, f"{uniq}-v5", V5, clean=False, session_expiry=300,
+                will=(f"{uniq}/v5", b"v5-gone", 1, False, wp)).connect()
+    v5.c.reconnect_delay_set(60, 120)
+    back = Client(port, f"{uniq}-back", V5, clean=False, session_expiry=300,
+                  will=(f"{uniq}/back", b"resumed", 1, False, wp)).connect()
+    back.c.reconnect_delay_set(60, 120)
+    w.nothing(0.5)  # nothing while they are online
+    w.drop()
+    gw.kill()
+    for c in (clean, kept):
+        c.close()
+    v5.drop()
+    back.drop()
+    gw.restart()
+    port = gw.port("mqtt")
+    restarted = time.monotonic()
+    back = Client(port, f"{uniq}-back", V5, clean=False, session_expiry=300).connect()
+    assert back.session_present  # resumed within the delay: its will is cancelled
+    w = Client(port, f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    assert w.session_present
+    got = {m.topic: m.payload for m in w.get_n(3, timeout=10)}
+    assert got == {f"{uniq}/clean": b"clean-gone", f"{uniq}/kept": b"kept-gone",
+                   f"{uniq}/v5": b"v5-gone"}
+    assert time.monotonic() - restarted >= 1.5, "the delayed will came before its delay"
+    w.nothing(2.0)  # the DISCONNECTed one and the resumed one: nothing
+    w.close()
+    back.close()
+    gw.stop()
+    gw.start()
+    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
+    w.nothing(2.5)  # published once, not again after a restart
+    w.close()
+
+
 def test_incoming_qos2_is_stored_once_across_sigkill(gateway_factory):
     """MQTT 4.3.3: a QoS 2 PUBLISH that got its PUBREC is stored once, even
     when the client resends it (DUP) after the gateway was SIGKILLed before

@@ -451,7 +451,15 @@ async fn handshake(
     // session's expiry counts from the restart (`load_sessions`), not from
     // an earlier disconnect.
     conn.session.record.disconnected_ms = 0;
-    if expiry > 0 || had_will {
+    // The will is stored while the connection is online, too: a crash of
+    // the gateway ends the connection without a DISCONNECT, so the restart
+    // publishes it.
+    let has_will = conn.will.is_some();
+    conn.session.record.will = conn
+        .will
+        .as_deref()
+        .map(|(w, delay)| Box::new(StoredWill::online(w, *delay)));
+    if expiry > 0 || had_will || has_will {
         if let Err(e) = Box::pin(shared.store_session(&client_id, &conn.session.record)).await {
             tracing::warn!(error = %e, "could not store session");
             let _ = write_packet(wr, &connack(ReasonCode::ServerUnavailable, v), v).await;
@@ -1503,6 +1511,10 @@ impl Conn {
         } else if self.session.record.expiry > 0 {
             // Expiry lowered to 0 at DISCONNECT: the session ends now.
             shared.delete_session_state(&self.client_id).await;
+        } else {
+            // A session that ends with its connection may still have a
+            // record: the will it held while online.
+            shared.delete_session_record(&self.client_id).await;
         }
         let session = std::mem::take(&mut self.session);
         {

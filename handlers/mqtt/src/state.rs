@@ -70,17 +70,24 @@ pub(crate) struct SessionRecord {
     /// is not stored again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) qos2_in: Vec<u16>,
-    /// A will waiting for its delay, so that a restart does not lose it
-    /// (boxed: every connection holds a record, few hold a will).
+    /// The will of the session's connection: while it is online (so that
+    /// a crash of the gateway, which ends the connection without a
+    /// DISCONNECT, still publishes it after the restart), and while it
+    /// waits for its delay after the connection ended (boxed: every
+    /// connection holds a record, few hold a will).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) will: Option<Box<StoredWill>>,
 }
 
-/// A delayed will as persisted with its session: published at `at_ms`
-/// unless the session is resumed first.
+/// A will as persisted with its session: published at `at_ms` unless the
+/// session is resumed first; or, stored while its connection is online,
+/// published `online_delay` seconds after the restart that follows a crash.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct StoredWill {
     pub(crate) at_ms: i64,
+    /// Set while the connection is online: its will delay (seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) online_delay: Option<u32>,
     pub(crate) topic: String,
     /// Hex.
     pub(crate) payload: String,
@@ -102,9 +109,19 @@ pub(crate) struct StoredWill {
 }
 
 impl StoredWill {
+    /// The will of a connection that is online: the gateway's crash ends
+    /// the connection, so the restart publishes it after `delay` seconds.
+    pub(crate) fn online(w: &MqttPublish, delay: u32) -> StoredWill {
+        StoredWill {
+            online_delay: Some(delay),
+            ..StoredWill::new(w, 0)
+        }
+    }
+
     pub(crate) fn new(w: &MqttPublish, at_ms: i64) -> StoredWill {
         StoredWill {
             at_ms,
+            online_delay: None,
             topic: w.topic.clone(),
             payload: hex(&w.payload),
             qos: w.qos,
@@ -288,7 +305,12 @@ impl Shared {
             conn_ids: AtomicU64::new(1),
         });
         shared.load_retained().await?;
-        for (client_id, will, at_ms) in shared.load_sessions() {
+        for (client_id, will, at_ms, ended) in shared.load_sessions() {
+            if ended {
+                shared.publish_ended_session_will(client_id, will);
+                continue;
+            }
+            let Some(will) = will else { continue };
             let delay = Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0));
             shared.schedule_will(&client_id, will, delay);
         }
@@ -510,9 +532,11 @@ impl Shared {
 
     // ---- sessions ----
 
-    /// Loads the persistent sessions; returns the delayed wills they hold
-    /// (client id, will, when to publish it).
-    fn load_sessions(&self) -> Vec<(Arc<str>, MqttPublish, i64)> {
+    /// Loads the persistent sessions; returns the wills they hold (client
+    /// id, will, when to publish it, and whether the record is only the
+    /// will of a clean session that was online at the crash: the session
+    /// itself ended with its connection).
+    fn load_sessions(&self) -> Vec<(Arc<str>, Option<MqttPublish>, i64, bool)> {
         let mut wills = Vec::new();
         let l = &self.sessions_ledger;
         let now = now_ms();
@@ -525,13 +549,27 @@ impl Shared {
             else {
                 continue;
             };
+            let ended = rec.expiry == 0;
             if let Some(w) = &rec.will {
+                // The connection was online at the crash: its will delay
+                // (no longer than the session) counts from the restart.
+                let at_ms = w
+                    .online_delay
+                    .map_or(w.at_ms, |d| now + i64::from(d.min(rec.expiry)) * 1000);
                 match w.publish(name.as_str()) {
-                    Some(p) => wills.push((name.as_str().into(), p, w.at_ms)),
+                    Some(p) => wills.push((name.as_str().into(), Some(p), at_ms, ended)),
                     None => {
                         tracing::warn!(client_id = name.as_str(), "damaged stored will dropped")
                     }
                 }
+            }
+            if ended {
+                // A session that ended with its connection: nothing to
+                // resume; its record goes (after its will, if any).
+                if rec.will.is_none() {
+                    wills.push((name.as_str().into(), None, now, true));
+                }
+                continue;
             }
             let disconnected = if rec.disconnected_ms > 0 {
                 rec.disconnected_ms
@@ -645,7 +683,16 @@ impl Shared {
         will: MqttPublish,
         delay: Duration,
     ) {
-        if delay.is_zero() {
+        // A will the stored session holds is removed from it once
+        // published (below); any other is published at once.
+        let stored = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .and_then(|slot| slot.stored.as_ref())
+            .is_some_and(|s| s.record.will.is_some());
+        if delay.is_zero() && !stored {
             self.publish_will_now(will);
             return;
         }
@@ -707,6 +754,36 @@ impl Shared {
                         ..Slot::default()
                     },
                 );
+            }
+        }
+    }
+
+    /// Publishes the will of a clean session that was online when the
+    /// gateway crashed, then removes the record that held it (a crash
+    /// in between publishes it again: at least once).
+    fn publish_ended_session_will(
+        self: &Arc<Self>,
+        client_id: Arc<str>,
+        will: Option<MqttPublish>,
+    ) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Some(will) = will {
+                if let Err(e) = me.publish(&will).await {
+                    tracing::warn!(error = %e, "could not publish will");
+                    return;
+                }
+            }
+            me.delete_session_record(&client_id).await;
+        });
+    }
+
+    /// Deletes the stored record of a session that has ended, if it has
+    /// one.
+    pub(crate) async fn delete_session_record(&self, client_id: &str) {
+        if self.sessions_ledger.cursor(client_id).is_some() {
+            if let Err(e) = self.sessions_ledger.delete_cursor(client_id).await {
+                tracing::warn!(error = %e, "could not delete a session record");
             }
         }
     }
@@ -807,6 +884,29 @@ mod tests {
         let w = back.will.unwrap();
         assert_eq!(w.at_ms, 1234);
         assert_eq!(w.publish("c1"), Some(will));
+    }
+
+    #[test]
+    fn the_will_of_an_online_connection_keeps_its_delay_and_not_a_time() {
+        let will = MqttPublish {
+            topic: "t/gone".into(),
+            payload: Bytes::from_static(b"bye"),
+            qos: 1,
+            ..MqttPublish::default()
+        };
+        let rec = SessionRecord {
+            will: Some(Box::new(StoredWill::online(&will, 7))),
+            ..SessionRecord::default()
+        };
+        let json = serde_json::to_string(&rec).unwrap();
+        let back: SessionRecord = serde_json::from_str(&json).unwrap();
+        let w = back.will.unwrap();
+        assert_eq!(w.online_delay, Some(7));
+        assert_eq!(w.at_ms, 0);
+        assert_eq!(w.publish("c1").unwrap().payload, will.payload);
+        // A will stored after its connection ended has a time instead.
+        let later = serde_json::to_string(&StoredWill::new(&will, 99)).unwrap();
+        assert!(!later.contains("online_delay"), "{later}");
     }
 
     #[test]
