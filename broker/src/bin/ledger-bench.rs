@@ -8,7 +8,9 @@
 //! over the same bytes). Reads: a catch-up read of the whole ledger through
 //! `Ledger::read`, against a plain read of its segment files (both from the
 //! page cache), and the throughput a tailing reader sees while producers
-//! append.
+//! append. Last, the disk's commit latency when the same commits go to 8
+//! files at once or to one file (the case for one journal shared by all
+//! ledgers).
 //!
 //! Prints a table and appends it to BENCHMARKS.md (or the file given with
 //! `--out`). Usage: `cargo run --release -p broker --bin ledger-bench --
@@ -195,6 +197,49 @@ fn raw_write(dir: &Path, total: u64, fsyncs: u64, ahead: bool) -> f64 {
     total as f64 / secs / 1e6
 }
 
+/// Paced commits to `files` files at once, one thread each: every thread
+/// writes `bytes` and fdatasyncs, `rate / files` times a second, for
+/// `secs`, into zeros written ahead. Returns the sorted latencies of the
+/// commits (write + fdatasync) of all threads.
+fn spread_commits(dir: &Path, files: usize, rate: f64, bytes: usize, secs: f64) -> Vec<Duration> {
+    use std::os::unix::fs::FileExt;
+    let per_file = rate / files as f64;
+    let n = (per_file * secs) as usize;
+    let threads: Vec<_> = (0..files)
+        .map(|i| {
+            let path = dir.join(format!("spread-{i}.bin"));
+            std::thread::spawn(move || {
+                let f = std::fs::File::create(&path).expect("spread file");
+                f.write_all_at(&vec![0u8; n * bytes + 4096], 0)
+                    .expect("zeros");
+                f.sync_all().expect("fsync");
+                let buf = vec![0x5au8; bytes];
+                let mut lat = Vec::with_capacity(n);
+                let start = Instant::now();
+                for k in 0..n {
+                    let due = start + Duration::from_secs_f64(k as f64 / per_file);
+                    if let Some(d) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(d);
+                    }
+                    let t = Instant::now();
+                    f.write_all_at(&buf, (k * bytes) as u64).expect("write");
+                    f.sync_data().expect("fdatasync");
+                    lat.push(t.elapsed());
+                }
+                drop(f);
+                let _ = std::fs::remove_file(&path);
+                lat
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("spread thread"))
+        .collect();
+    all.sort();
+    all
+}
+
 /// Plain read of every file in `dir` (after one warm-up pass); MB/s.
 fn raw_read(dir: &Path) -> f64 {
     let files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -317,6 +362,35 @@ async fn main() {
             let _ = writeln!(table, "{row}");
         }
     }
+    // How the disk takes commits spread over files: the same commits per
+    // second and bytes in total, to 8 files at once (8 ledgers, each its
+    // own fdatasync) and to one file (one shared journal).
+    let mut spread = String::new();
+    let _ = writeln!(
+        spread,
+        "| files | commits/s per file | bytes per commit | p50 ms | p99 ms | max ms |"
+    );
+    let _ = writeln!(spread, "| --- | --- | --- | --- | --- | --- |");
+    let spread_dir = base.join("spread");
+    std::fs::create_dir_all(&spread_dir).expect("spread dir");
+    let spread_secs = a.seconds.max(2.0) * 2.0;
+    for (files, bytes) in [(8usize, 2048usize), (1, 2048), (1, 16384)] {
+        let rate = 1600.0 / if bytes > 2048 { 8.0 } else { 1.0 };
+        let lat = spread_commits(&spread_dir, files, rate, bytes, spread_secs);
+        let ms = |q: f64| {
+            lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
+                .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        let row = format!(
+            "| {files} | {:.0} | {bytes} | {:.2} | {:.2} | {:.2} |",
+            rate / files as f64,
+            ms(0.5),
+            ms(0.99),
+            ms(1.0),
+        );
+        println!("{row}");
+        let _ = writeln!(spread, "{row}");
+    }
     let date = std::process::Command::new("date")
         .arg("-u")
         .arg("+%Y-%m-%d %H:%M UTC")
@@ -336,7 +410,7 @@ async fn main() {
          ledger's writer does (no size to write); each \"ratio\" is ledger / that raw. Each case runs ledger \
          then both raws {} times, alternating, and shows the round with the median first ratio. Reads (last round): a catch-up \
          read of the whole ledger vs a plain read of its segment files, both from the page cache. \"tail\" is what \
-         a concurrent `read_or_wait` reader received.\n\n{table}",
+         a concurrent `read_or_wait` reader received.\n\n{table}\n         Commit latency (write + fdatasync, into zeros written ahead) when commits are spread over files:          1,600 commits/s of 2 KiB for {spread_secs} s to 8 files at once (one thread each, like 8 ledgers),          the same to one file, and 200 commits/s of 16 KiB to one file (what one journal shared by the 8          would write).\n\n{spread}",
         a.seconds, a.rounds, a.rounds
     );
     let mut f = std::fs::OpenOptions::new()
