@@ -23,6 +23,7 @@ command -v amqp-publish >/dev/null || need+=(amqp-tools)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 command -v curl >/dev/null || need+=(curl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
+command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   say "installing Debian packages: ${need[*]}"
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
@@ -39,6 +40,13 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check -r conformance/requirements.txt
   echo "$want" > "$stamp"
+fi
+
+# ---- 2b. Node client (MQTT.js, pinned) --------------------------------------
+node_dir="$root/conformance/.node"
+if [ ! -f "$node_dir/node_modules/mqtt/package.json" ]; then
+  say "installing MQTT.js into conformance/.node"
+  npm install -q --no-audit --no-fund --prefix "$node_dir" mqtt@5.16.0
 fi
 
 # ---- 3. build + unit/integration tests -------------------------------------

@@ -225,3 +225,40 @@ class Raw:
 
     def close(self):
         self.sock.close()
+
+
+class PacketReader:
+    """Splits what a raw MQTT connection receives into packets."""
+
+    def __init__(self, raw):
+        self.raw, self.buf = raw, b""
+
+    def next(self, timeout=5.0):
+        """(type, flags, body) of the next packet, or None on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if len(self.buf) >= 2:
+                n, mul, i = 0, 1, 1
+                while i < len(self.buf):
+                    b = self.buf[i]
+                    n += (b & 0x7F) * mul
+                    mul *= 128
+                    i += 1
+                    if not b & 0x80:
+                        break
+                else:
+                    i = None
+                if i is not None and len(self.buf) >= i + n:
+                    first, body = self.buf[0], self.buf[i:i + n]
+                    self.buf = self.buf[i + n:]
+                    return first >> 4, first & 0x0F, body
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                got = self.raw.recv_some(timeout=left)
+            except TimeoutError:
+                return None
+            if not got:
+                return None
+            self.buf += got

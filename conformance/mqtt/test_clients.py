@@ -1,9 +1,11 @@
 """Other real clients: Debian's mosquitto_pub/mosquitto_sub (3.1, 3.1.1, 5)
 and paho over WebSocket."""
 
+import os
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +70,28 @@ def test_websocket_rejects_other_paths(gw):
               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert s.recv(100).startswith(b"HTTP/1.1 404")
     s.close()
+
+
+def test_mqttjs_decodes_the_topic_aliases_the_gateway_sets(gw, uniq):
+    """MQTT.js says it accepts 2 topic aliases; the gateway then sends the
+    first two topics as aliases after their first message (what goes on
+    the wire is checked in test_paho.py), and MQTT.js still reports every
+    message's full topic. (Debian's mosquitto_sub cannot take part: its
+    library refuses a PUBLISH with an empty topic.)"""
+    node_modules = Path(__file__).resolve().parent.parent / ".node" / "node_modules"
+    assert (node_modules / "mqtt").is_dir(), "conformance/run.sh installs MQTT.js"
+    port = gw.port("mqtt")
+    sub = subprocess.Popen(
+        ["node", str(Path(__file__).resolve().parent / "alias-sub.js"), str(port), f"{uniq}/#",
+         "6", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "NODE_PATH": str(node_modules)})
+    assert sub.stdout.readline().strip() == "subscribed", sub.stderr.read()
+    topics = ["a", "b", "a", "c", "b", "a"]
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    for i, t in enumerate(topics):
+        pub.pub(f"{uniq}/{t}", f"m{i}".encode(), qos=1)
+    pub.close()
+    out, err = sub.communicate(timeout=20)
+    assert sub.returncode == 0, err
+    assert out.splitlines() == [f"{uniq}/{t} m{i}" for i, t in enumerate(topics)]

@@ -8,7 +8,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqttc import V5, V31, V311, VERSIONS, Client
+from mqttc import V5, V31, V311, VERSIONS, Client, PacketReader, Raw, connect_packet, packet
+from mqttc import s as utf8
 
 ALL = list(VERSIONS.items())
 
@@ -199,6 +200,80 @@ def test_v5_topic_alias_from_client(gw, uniq):
     got = sub.get_n(2)
     assert [(m.topic, m.payload) for m in got] == [(f"{uniq}/alias", b"one"), (f"{uniq}/alias", b"two")]
     sub.close(); pub.close()
+
+
+def v5_publish_topic_and_alias(body: bytes, qos: int):
+    """(topic, topic alias or None, payload) of a v5 PUBLISH body."""
+    n = struct.unpack(">H", body[:2])[0]
+    topic, i = body[2:2 + n].decode(), 2 + n
+    if qos:
+        i += 2
+    plen, mul = 0, 1
+    while True:
+        b = body[i]
+        i += 1
+        plen += (b & 0x7F) * mul
+        mul *= 128
+        if not b & 0x80:
+            break
+    props, payload = body[i:i + plen], body[i + plen:]
+    alias, j = None, 0
+    sizes = {0x01: 1, 0x02: 4, 0x23: 2, 0x0B: None}
+    while j < len(props):
+        pid = props[j]
+        j += 1
+        if pid == 0x23:
+            alias = struct.unpack(">H", props[j:j + 2])[0]
+        if pid in (0x03, 0x08, 0x09):
+            j += 2 + struct.unpack(">H", props[j:j + 2])[0]
+        elif pid == 0x26:
+            for _ in range(2):
+                j += 2 + struct.unpack(">H", props[j:j + 2])[0]
+        elif pid == 0x0B:
+            while props[j] & 0x80:
+                j += 1
+            j += 1
+        else:
+            j += sizes[pid]
+    return topic, alias, payload
+
+
+def test_v5_topic_aliases_to_a_client_that_accepts_them(gw, uniq):
+    """A client whose CONNECT says Topic Alias Maximum 2 gets the first two
+    topics with aliases 1 and 2 (the first PUBLISH of each carries the
+    topic, later ones an empty topic and the alias); a third topic goes
+    without one. A client that did not ask gets full topics only."""
+    port = gw.port("mqtt")
+    raws = []
+    for cid, props in ((f"{uniq}-a", b"\x22\x00\x02"), (f"{uniq}-n", b"")):
+        r = Raw(port)
+        r.send(connect_packet(cid, level=5, props=props))
+        reader = PacketReader(r)
+        kind, _, _ = reader.next()
+        assert kind == 2
+        r.send(packet(0x82, b"\x00\x01" + b"\x00" + utf8(f"{uniq}/#") + b"\x00"))
+        kind, _, body = reader.next()
+        assert kind == 9 and body[-1] == 0, "SUBACK, QoS 0 granted"
+        raws.append((r, reader))
+    pub = Client(port, f"{uniq}-p", V5).connect()
+    topics = ["t1", "t2", "t1", "t3", "t2", "t3", "t1"]
+    for i, t in enumerate(topics):
+        pub.pub(f"{uniq}/{t}", f"m{i}".encode(), qos=1)
+    seen = []
+    for r, reader in raws:
+        got = []
+        for _ in topics:
+            kind, flags, body = reader.next()
+            assert kind == 3
+            got.append(v5_publish_topic_and_alias(body, (flags >> 1) & 3))
+        seen.append(got)
+        r.close()
+    a, n = (f"{uniq}/t1", f"{uniq}/t2", f"{uniq}/t3"), None
+    assert seen[0] == [
+        (a[0], 1, b"m0"), (a[1], 2, b"m1"), ("", 1, b"m2"), (a[2], n, b"m3"),
+        ("", 2, b"m4"), (a[2], n, b"m5"), ("", 1, b"m6")]
+    assert seen[1] == [(f"{uniq}/{t}", None, f"m{i}".encode()) for i, t in enumerate(topics)]
+    pub.close()
 
 
 def test_v5_connack_properties_and_assigned_client_id(gw):

@@ -3,44 +3,7 @@
 import struct
 import time
 
-from mqttc import V5, V311, Client, Raw, connect_packet, packet, s
-
-
-class PacketReader:
-    """Splits what a raw MQTT 3.1.1 connection receives into packets."""
-
-    def __init__(self, raw):
-        self.raw, self.buf = raw, b""
-
-    def next(self, timeout=5.0):
-        """(type, flags, body) of the next packet, or None on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if len(self.buf) >= 2:
-                n, mul, i = 0, 1, 1
-                while i < len(self.buf):
-                    b = self.buf[i]
-                    n += (b & 0x7F) * mul
-                    mul *= 128
-                    i += 1
-                    if not b & 0x80:
-                        break
-                else:
-                    i = None
-                if i is not None and len(self.buf) >= i + n:
-                    first, body = self.buf[0], self.buf[i:i + n]
-                    self.buf = self.buf[i + n:]
-                    return first >> 4, first & 0x0F, body
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                got = self.raw.recv_some(timeout=left)
-            except TimeoutError:
-                return None
-            if not got:
-                return None
-            self.buf += got
+from mqttc import V5, V311, Client, PacketReader, Raw, connect_packet, packet, s
 
 
 def test_persistent_session_survives_sigkill(gateway_factory):
@@ -193,6 +156,17 @@ def dropped_with_delayed_will(port, uniq, delay, payload):
     return w
 
 
+def nothing_after_graceful_restart(gw, watcher_id, wait):
+    """Restarts the gateway gracefully; the persistent MQTT 5 watcher
+    `watcher_id` then receives nothing for `wait` seconds (a will already
+    published is not published again)."""
+    gw.stop()
+    gw.start()
+    w = Client(gw.port("mqtt"), watcher_id, V5, clean=False, session_expiry=300).connect()
+    w.nothing(wait)
+    w.close()
+
+
 def test_delayed_will_survives_sigkill(gateway_factory):
     """A persistent MQTT 5 client drops with a will delayed 3 s; the gateway
     is SIGKILLed within the delay. After the restart the will is published
@@ -213,11 +187,7 @@ def test_delayed_will_survives_sigkill(gateway_factory):
     assert time.monotonic() - dropped >= 2.5, "published before its delay"
     w.nothing(1.0)
     w.close()
-    gw.stop()
-    gw.start()
-    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
-    w.nothing(2.0)  # published once, not again after a restart
-    w.close()
+    nothing_after_graceful_restart(gw, f"{uniq}-w", 2.0)
 
 
 def test_resumed_session_has_no_will_left_after_sigkill(gateway_factory):
@@ -307,11 +277,7 @@ def test_wills_of_connections_online_at_sigkill_are_published_after_restart(gate
     w.nothing(2.0)  # the DISCONNECTed one and the resumed one: nothing
     w.close()
     back.close()
-    gw.stop()
-    gw.start()
-    w = Client(gw.port("mqtt"), f"{uniq}-w", V5, clean=False, session_expiry=300).connect()
-    w.nothing(2.5)  # published once, not again after a restart
-    w.close()
+    nothing_after_graceful_restart(gw, f"{uniq}-w", 2.5)
 
 
 def test_incoming_qos2_is_stored_once_across_sigkill(gateway_factory):

@@ -94,6 +94,9 @@ struct Conn {
     max_out_packet: usize,
     window: usize,
     aliases: HashMap<u16, String>,
+    /// Topic aliases this connection's PUBLISHes use, when the client
+    /// accepts them (MQTT 5 Topic Alias Maximum in its CONNECT).
+    out_aliases: Option<Box<OutAliases>>,
     inflight: BTreeMap<u16, Inflight>,
     pending: VecDeque<Pending>,
     next_pkid: u16,
@@ -431,6 +434,15 @@ async fn handshake(
                 .min(shared.config.max_inflight),
         ),
         aliases: HashMap::new(),
+        out_aliases: properties
+            .topic_alias_maximum
+            .filter(|&m| m > 0 && v == Version::V5)
+            .map(|max| {
+                Box::new(OutAliases {
+                    max,
+                    by_topic: HashMap::new(),
+                })
+            }),
         inflight: BTreeMap::new(),
         pending: VecDeque::new(),
         next_pkid: 1,
@@ -1381,6 +1393,10 @@ impl Conn {
             }
             return;
         }
+        let mut publish = publish;
+        if let Some(a) = self.out_aliases.as_deref_mut() {
+            a.apply(&mut publish);
+        }
         codec::encode(&Packet::Publish(publish), self.v, &mut self.wbuf);
         metrics::counter!("manifold_mqtt_messages_delivered_total", "qos" => qos_label(qos))
             .increment(1);
@@ -1538,6 +1554,33 @@ impl Conn {
         gone.cancel();
         if let Some((w, delay)) = will {
             shared.schedule_will(&self.client_id, w, Duration::from_secs(u64::from(delay)));
+        }
+    }
+}
+
+/// The topic aliases of one connection's outgoing PUBLISHes (MQTT 5
+/// 3.3.2.3.4): the first `max` distinct topics get aliases 1..=max, in the
+/// order they are sent; the first PUBLISH of a topic carries the topic and
+/// sets its alias, later ones carry only the alias. Aliases are never
+/// reassigned, so a client that misses none cannot map one wrongly.
+struct OutAliases {
+    max: u16,
+    by_topic: HashMap<String, u16>,
+}
+
+impl OutAliases {
+    fn apply(&mut self, p: &mut Publish) {
+        match self.by_topic.get(&p.topic) {
+            Some(&alias) => {
+                p.properties.topic_alias = Some(alias);
+                p.topic.clear();
+            }
+            None if self.by_topic.len() < usize::from(self.max) => {
+                let alias = self.by_topic.len() as u16 + 1;
+                self.by_topic.insert(p.topic.clone(), alias);
+                p.properties.topic_alias = Some(alias);
+            }
+            None => {}
         }
     }
 }
