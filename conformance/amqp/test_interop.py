@@ -4,6 +4,7 @@ read what AMQP routes to the queue, and what Kafka producers append to it is
 delivered to the queue's AMQP consumers. MQTT sees the same topic as
 `interop/q` (see mapping::mqtt)."""
 
+import threading
 import time
 import uuid
 
@@ -81,9 +82,11 @@ def test_mqtt_to_amqp_and_back(multi):
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="amqp-interop-sub")
     sub.on_message = lambda cl, u, msg: got.append((msg.topic, msg.payload))
     sub.connect("127.0.0.1", multi.port("mqtt"))
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
     sub.loop_start()
     sub.subscribe("interop/m", qos=1)
-    time.sleep(0.5)
+    assert subscribed.wait(10), "no SUBACK"
     ch.basic_publish("", "interop.m", b"amqp-to-mqtt")
     deadline = time.time() + 10
     while not got and time.time() < deadline:

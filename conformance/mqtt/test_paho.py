@@ -276,6 +276,25 @@ def test_v5_topic_aliases_to_a_client_that_accepts_them(gw, uniq):
     pub.close()
 
 
+@pytest.mark.parametrize("level", [4, 5])
+def test_packets_sent_with_connect_in_one_write_are_answered(gw, uniq, level):
+    """A client may send SUBSCRIBE (and more) right behind CONNECT without
+    waiting for the CONNACK; when they arrive in one read, the SUBSCRIBE
+    is answered at once (it used to wait for the next packet)."""
+    r = Raw(gw.port("mqtt"))
+    props = b"\x00" if level == 5 else b""
+    sub = packet(0x82, b"\x00\x07" + props + utf8(f"{uniq}/x") + b"\x01")
+    r.send(connect_packet(f"{uniq}-c", level=level) + sub + packet(0xC0, b""))
+    reader = PacketReader(r)
+    kinds = []
+    for _ in range(3):
+        got = reader.next(timeout=5)
+        assert got is not None, f"only {kinds} answered"
+        kinds.append(got[0])
+    assert kinds == [2, 9, 13], "CONNACK, SUBACK, PINGRESP"
+    r.close()
+
+
 def test_v5_connack_properties_and_assigned_client_id(gw):
     c = Client(gw.port("mqtt"), "", V5).connect()
     p = c.connack[2]

@@ -537,6 +537,33 @@ async fn handshake(
 }
 
 impl Conn {
+    /// Handles every whole packet in `rbuf`; `Some` when the connection
+    /// ends (a bad packet is answered with its reason code first).
+    async fn handle_buffered(&mut self, rbuf: &mut BytesMut, max: usize) -> Option<End> {
+        loop {
+            match codec::decode(rbuf, self.v, max) {
+                Ok(Some(p)) => {
+                    // Boxed: the connection's idle state does not hold the
+                    // largest handler's.
+                    if let Some(e) = Box::pin(self.handle(p)).await {
+                        return Some(e);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad packet; closing");
+                    let rc = match e {
+                        DecodeError::TooLarge { .. } => ReasonCode::PacketTooLarge,
+                        DecodeError::Protocol(_) => ReasonCode::ProtocolError,
+                        _ => ReasonCode::MalformedPacket,
+                    };
+                    self.disconnect(rc);
+                    return Some(End::WithWill);
+                }
+            }
+        }
+    }
+
     fn wbuf_packet(&mut self, p: &Packet) {
         codec::encode(p, self.v, &mut self.wbuf);
     }
@@ -570,7 +597,15 @@ impl Conn {
         if rbuf.is_empty() {
             rbuf = BytesMut::new();
         }
+        // Packets that came in the same read as CONNECT are handled before
+        // the first wait for more input.
+        let mut buffered = !rbuf.is_empty();
         let end = 'outer: loop {
+            if std::mem::take(&mut buffered) {
+                if let Some(e) = Box::pin(self.handle_buffered(&mut rbuf, max)).await {
+                    break 'outer e;
+                }
+            }
             // Retained messages queued for the window go first.
             while self.inflight.len() < self.window {
                 let Some(p) = self.pending.pop_front() else {
@@ -620,27 +655,8 @@ impl Conn {
                     if n == small.len() {
                         read_ready(rd, &mut rbuf).await?;
                     }
-                    loop {
-                        match codec::decode(&mut rbuf, self.v, max) {
-                            Ok(Some(p)) => {
-                                // Boxed: the connection's idle state does
-                                // not hold the largest handler's.
-                                if let Some(e) = Box::pin(self.handle(p)).await {
-                                    break 'outer e;
-                                }
-                            }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::debug!(error = %e, "bad packet; closing");
-                                let rc = match e {
-                                    DecodeError::TooLarge { .. } => ReasonCode::PacketTooLarge,
-                                    DecodeError::Protocol(_) => ReasonCode::ProtocolError,
-                                    _ => ReasonCode::MalformedPacket,
-                                };
-                                self.disconnect(rc);
-                                break 'outer End::WithWill;
-                            }
-                        }
+                    if let Some(e) = Box::pin(self.handle_buffered(&mut rbuf, max)).await {
+                        break 'outer e;
                     }
                     // An idle connection keeps no read buffer.
                     if rbuf.is_empty() {
