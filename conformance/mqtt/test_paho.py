@@ -218,7 +218,7 @@ def v5_publish_topic_and_alias(body: bytes, qos: int):
             break
     props, payload = body[i:i + plen], body[i + plen:]
     alias, j = None, 0
-    sizes = {0x01: 1, 0x02: 4, 0x23: 2, 0x0B: None}
+    sizes = {0x01: 1, 0x02: 4, 0x23: 2}
     while j < len(props):
         pid = props[j]
         j += 1

@@ -550,6 +550,7 @@ impl Shared {
                 continue;
             };
             let ended = rec.expiry == 0;
+            let mut will_pushed = false;
             if let Some(w) = &rec.will {
                 // The connection was online at the crash: its will delay
                 // (no longer than the session) counts from the restart.
@@ -557,7 +558,10 @@ impl Shared {
                     .online_delay
                     .map_or(w.at_ms, |d| now + i64::from(d.min(rec.expiry)) * 1000);
                 match w.publish(name.as_str()) {
-                    Some(p) => wills.push((name.as_str().into(), Some(p), at_ms, ended)),
+                    Some(p) => {
+                        wills.push((name.as_str().into(), Some(p), at_ms, ended));
+                        will_pushed = true;
+                    }
                     None => {
                         tracing::warn!(client_id = name.as_str(), "damaged stored will dropped")
                     }
@@ -566,7 +570,7 @@ impl Shared {
             if ended {
                 // A session that ended with its connection: nothing to
                 // resume; its record goes (after its will, if any).
-                if rec.will.is_none() {
+                if !will_pushed {
                     wills.push((name.as_str().into(), None, now, true));
                 }
                 continue;
