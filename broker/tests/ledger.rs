@@ -157,6 +157,61 @@ async fn recovery_truncates_a_torn_tail() {
 }
 
 #[tokio::test]
+async fn cursors_past_what_a_crash_lost_are_clamped_to_the_recovered_end() {
+    // Readers see entries before their fdatasync, so a cursor can be
+    // persisted past entries a crash then loses. Reopened, it must not
+    // skip the entries written at those offsets afterwards.
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    for i in 0..10u8 {
+        l.append(entry(vec![i; 100], 1, 0)).await.unwrap();
+    }
+    let c = l
+        .open_cursor("sub", InitialPosition::Earliest)
+        .await
+        .unwrap();
+    c.ack_cumulative(10);
+    let d = l
+        .open_cursor("gaps", InitialPosition::Earliest)
+        .await
+        .unwrap();
+    d.ack(3);
+    d.ack(9);
+    l.persist_cursors().await.unwrap();
+    l.close().await;
+    drop((l, c, d));
+    // The crash lost the last entry.
+    let seg = dir.path().join("00000000000000000000.log");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 70)
+        .unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.end_offset(), 9);
+    let c = l.cursor("sub").unwrap();
+    assert_eq!(c.mark_delete(), 9, "clamped to the recovered end");
+    let d = l.cursor("gaps").unwrap();
+    assert_eq!(d.mark_delete(), 0);
+    assert!(d.is_acked(3), "acks below the end are kept");
+    assert!(!d.is_acked(9), "acks at or past the end are dropped");
+    // The entry written in the lost one's place is delivered.
+    assert_eq!(l.append(entry("new", 1, 0)).await.unwrap().base_offset, 9);
+    assert!(!c.is_acked(9));
+    assert_eq!(l.backlog(&c).messages, 1);
+    // And the clamp is what is persisted.
+    l.persist_cursors().await.unwrap();
+    l.close().await;
+    drop((l, c, d));
+    let l = open(dir.path(), policy(1 << 20));
+    assert_eq!(l.cursor("sub").unwrap().mark_delete(), 9);
+    assert!(!l.cursor("gaps").unwrap().is_acked(9));
+    l.close().await;
+}
+
+#[tokio::test]
 async fn recovery_truncates_at_a_corrupt_entry_and_never_serves_it() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), policy(1 << 20));
@@ -386,7 +441,21 @@ async fn fsync_policies_all_complete_appends() {
         }
         offsets.sort_unstable();
         assert_eq!(offsets, (0..64).collect::<Vec<_>>(), "{fsync:?}");
+        if fsync != broker::FsyncPolicy::Interval {
+            assert_eq!(l.durable_end(), 64, "acknowledged is durable: {fsync:?}");
+        }
+        // Under `interval`, the periodic sync makes them durable.
+        tokio::time::timeout(Duration::from_secs(5), l.wait_durable(64))
+            .await
+            .expect("durable in time")
+            .unwrap();
+        assert_eq!(l.durable_end(), l.end_offset());
         l.close().await;
+        // Nothing more becomes durable after close: waiters are told.
+        assert!(matches!(
+            l.wait_durable(65).await,
+            Err(BrokerError::Closed)
+        ));
         drop(l);
         let l = open(dir.path(), p);
         assert_eq!(l.end_offset(), 64, "{fsync:?}");

@@ -539,6 +539,13 @@ pub fn expires_at(m: &Message) -> Option<i64> {
     }
 }
 
+/// Whether the message was published over MQTT at QoS 2 (exactly once):
+/// such a message is forwarded only once it is durable, so that a crash
+/// cannot make its publisher's resend a second delivery.
+pub fn published_exactly_once(m: &Message) -> bool {
+    written_by_mqtt(m) && header_str(m, H_QOS) == Some("2")
+}
+
 /// The MQTT view of a stored message. `fallback_topic` is used when the
 /// message carries no [`H_TOPIC`] header (it came from another protocol).
 /// `message_expiry` is the remaining interval at `now_ms`, rounded up;

@@ -95,6 +95,22 @@ impl RangeSet {
         }
     }
 
+    /// Removes everything at or above `offset`.
+    pub fn remove_from(&mut self, offset: u64) {
+        let above: Vec<(u64, u64)> = self
+            .ranges
+            .range(..)
+            .filter(|(_, &e)| e > offset)
+            .map(|(&s, &e)| (s, e))
+            .collect();
+        for (s, _) in above {
+            self.ranges.remove(&s);
+            if s < offset {
+                self.ranges.insert(s, offset);
+            }
+        }
+    }
+
     /// The range that starts at or covers `offset`, if any.
     fn covering(&self, offset: u64) -> Option<Range<u64>> {
         self.ranges
@@ -311,6 +327,20 @@ impl Cursor {
     /// A property stored with the cursor.
     pub fn property(&self, key: &str) -> Option<String> {
         self.lock().properties.get(key).cloned()
+    }
+
+    /// Ensures the cursor holds no position at or beyond `end` (the end a
+    /// ledger recovered to). Returns whether anything changed.
+    pub(crate) fn clamp_below(&self, end: u64) -> bool {
+        let mut st = self.lock();
+        let before = (st.mark_delete, st.acked.count());
+        st.mark_delete = st.mark_delete.min(end);
+        st.acked.remove_from(end);
+        let changed = (st.mark_delete, st.acked.count()) != before;
+        if changed {
+            st.version += 1;
+        }
+        changed
     }
 
     /// Ensures the mark-delete is not below `start` (after a trim).

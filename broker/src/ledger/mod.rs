@@ -5,15 +5,29 @@
 //! Concurrency model: a single writer task per ledger owns every mutation
 //! (appends, rollover, trims, retention). Appends queue on a bounded
 //! channel; the writer takes everything queued, writes it with one `write`
-//! and — under [`FsyncPolicy::Group`] — one `fdatasync`, then publishes the
-//! new end offset on a `watch` channel and completes the appends. Readers
-//! never take the writer's path: they look up a segment under a short read
-//! lock and read with positional I/O, seeing only what the writer has
-//! published as durable. A read is first tried on the calling thread against
+//! and — under [`FsyncPolicy::Group`] — one `fdatasync`, and completes the
+//! appends once that returns. Readers never take the writer's path: they
+//! look up a segment under a short read lock and read with positional I/O,
+//! seeing what the writer has published.
+//!
+//! Visibility: the writer publishes a run (new end offset on a `watch`
+//! channel, tail cache) as soon as it is written to the page cache, before
+//! its fdatasync, as Kafka and RabbitMQ hand messages to consumers before
+//! they are flushed; the producer's acknowledgement still waits for the
+//! fdatasync. Consumers therefore do not wait for the disk, and a crash
+//! can lose entries a reader saw but whose producer was never acknowledged
+//! (the producer retries them). Cursors are clamped to the recovered end on
+//! open, so a position persisted past lost entries cannot skip the entries
+//! written in their place. Readers that must only see durable entries use
+//! [`Ledger::durable_end`] / [`Ledger::wait_durable`]. A failed fdatasync
+//! after a run was published fails the ledger (no further appends until it
+//! is reopened and recovered), since readers may have seen the run.
+//!
+//! A read is first tried on the calling thread against
 //! the page cache only (`RWF_NOWAIT`); one that would wait for the disk runs
 //! on a blocking thread instead.
 //!
-//! Tail cache: the writer keeps the most recent durable entries (up to
+//! Tail cache: the writer keeps the most recent entries (up to
 //! [`LedgerOptions::tail_cache_bytes`]) in memory, as slices of the buffer
 //! it just wrote. A reader at the tail — every live subscriber, consumer
 //! or queue — is served from it without a blocking-pool hop or a `pread`;
@@ -336,6 +350,8 @@ pub struct Ledger {
     segments: RwLock<BTreeMap<u64, Arc<Segment>>>,
     start_offset: AtomicU64,
     end_tx: watch::Sender<u64>,
+    /// One past the last durable offset (<= the end).
+    durable_tx: watch::Sender<u64>,
     tx: mpsc::Sender<Command>,
     cursors: Mutex<HashMap<String, Arc<Cursor>>>,
     /// Serializes writes of the cursor file; holds the last version written
@@ -344,10 +360,13 @@ pub struct Ledger {
     cursors_removed: AtomicBool,
     budget: Arc<Semaphore>,
     closed: AtomicBool,
+    /// The writer has stopped (closed, or failed): nothing more becomes
+    /// durable.
+    stopped: AtomicBool,
     fsyncs: AtomicU64,
     /// The last large read buffer, reused when its entries are dropped.
     read_buf: Mutex<Option<Bytes>>,
-    /// Recent durable entries for tailing readers.
+    /// Recent entries for tailing readers.
     tail: RwLock<TailCache>,
 }
 
@@ -532,7 +551,25 @@ impl Ledger {
         let (tx, rx) = mpsc::channel(options.queue_depth.max(1));
         let tail = RwLock::new(TailCache::new(options.cache_budget.clone()));
         let (end_tx, _) = watch::channel(end);
+        let (durable_tx, _) = watch::channel(end);
         let cursors = load_cursors(&dir.join(CURSORS_FILE))?;
+        let persisted: HashMap<String, u64> = cursors
+            .iter()
+            .map(|(n, c)| (n.clone(), c.version()))
+            .collect();
+        for c in cursors.values() {
+            // A cursor persisted past entries a crash lost (they were
+            // visible before their fdatasync) must not skip the entries
+            // that will be written at those offsets.
+            if c.clamp_below(end) {
+                tracing::info!(
+                    ledger = name,
+                    cursor = c.name(),
+                    end,
+                    "cursor clamped to the recovered end"
+                );
+            }
+        }
         let ledger = Arc::new(Ledger {
             name: name.to_owned(),
             dir: dir.to_owned(),
@@ -540,17 +577,14 @@ impl Ledger {
             segments: RwLock::new(segments),
             start_offset: AtomicU64::new(start),
             end_tx,
+            durable_tx,
             tx,
-            cursor_persist: tokio::sync::Mutex::new(
-                cursors
-                    .iter()
-                    .map(|(n, c)| (n.clone(), c.version()))
-                    .collect(),
-            ),
+            cursor_persist: tokio::sync::Mutex::new(persisted),
             cursors: Mutex::new(cursors),
             cursors_removed: AtomicBool::new(false),
             budget,
             closed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             fsyncs: AtomicU64::new(0),
             read_buf: Mutex::new(None),
             tail,
@@ -570,16 +604,43 @@ impl Ledger {
         self.start_offset.load(Ordering::Acquire)
     }
 
-    /// One past the last durable offset (the next offset to be assigned
-    /// once everything queued is written).
+    /// One past the last written (readable) offset: the next offset to be
+    /// assigned once everything queued is written. Entries below it may
+    /// not be durable yet (see [`Ledger::durable_end`]).
     pub fn end_offset(&self) -> u64 {
         *self.end_tx.borrow()
     }
 
-    /// A receiver of the end offset, changed whenever new entries become
-    /// durable. Tailing readers wait on it.
+    /// A receiver of the end offset, changed whenever new entries are
+    /// written. Tailing readers wait on it.
     pub fn watch_end(&self) -> watch::Receiver<u64> {
         self.end_tx.subscribe()
+    }
+
+    /// One past the last offset that is durable under the namespace's
+    /// fsync policy (under `interval`: fsynced by the last periodic sync).
+    pub fn durable_end(&self) -> u64 {
+        *self.durable_tx.borrow()
+    }
+
+    /// Waits until every offset below `offset` is durable (returns at once
+    /// if it already is).
+    ///
+    /// # Errors
+    /// [`BrokerError::Closed`] if the ledger closes or fails first.
+    pub async fn wait_durable(&self, offset: u64) -> Result<()> {
+        let mut rx = self.durable_tx.subscribe();
+        let mut stopped = false;
+        rx.wait_for(|&d| {
+            stopped = self.stopped.load(Ordering::Acquire);
+            stopped || d >= offset
+        })
+        .await
+        .map_err(|_| BrokerError::Closed)?;
+        if stopped && self.durable_end() < offset {
+            return Err(BrokerError::Closed);
+        }
+        Ok(())
     }
 
     /// Appends one entry; completes once it is durable under the
@@ -1210,7 +1271,7 @@ impl Writer {
             let cmd = match pending.take() {
                 Some(c) => c,
                 None => tokio::select! {
-                    c = rx.recv() => match c { Some(c) => c, None => break },
+                    c = rx.recv() => match c { Some(c) => c, None => { self.stop(); return } },
                     _ = tick.tick(), if self.dirty => {
                         self = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await.0;
                         continue;
@@ -1300,8 +1361,10 @@ impl Writer {
                         })
                         .await;
                     let _ = w.active.write_index_files(&w.ledger.dir);
+                    self = w;
+                    self.stop();
                     let _ = reply.send(());
-                    break;
+                    return;
                 }
             }
         }
@@ -1320,6 +1383,9 @@ impl Writer {
     }
 
     fn sync(&mut self) -> Result<()> {
+        if self.failed {
+            return Err(BrokerError::Closed);
+        }
         if self.dirty {
             self.active
                 .file
@@ -1329,7 +1395,16 @@ impl Writer {
             self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.dirty = false;
         }
+        self.ledger.durable_tx.send_replace(self.next_offset);
         Ok(())
+    }
+
+    /// Stops the writer for good (a failure readers may have seen, or
+    /// close) and wakes whoever waits for durability.
+    fn stop(&mut self) {
+        self.failed = true;
+        self.ledger.stopped.store(true, Ordering::Release);
+        self.ledger.durable_tx.send_modify(|_| {});
     }
 
     fn should_roll(&self, next_len: usize) -> bool {
@@ -1403,7 +1478,6 @@ impl Writer {
             let mut points = Vec::new();
             self.buf.clear();
             let start_size = self.size;
-            let start_offset = self.next_offset;
             let mut max_ts = self.max_ts;
             let mut next = self.next_offset;
             let mut last_idx = self.last_index_pos;
@@ -1464,40 +1538,20 @@ impl Writer {
             let end = start_size + self.buf.len() as u64;
             let write = self
                 .zero_ahead(end)
-                .and_then(|()| self.active.file.write_all_at(&self.buf, start_size))
-                .and_then(|()| {
-                    let written = t0.elapsed();
-                    metrics::counter!("manifold_ledger_write_micros_total")
-                        .increment(written.as_micros() as u64);
-                    if self.policy.fsync == FsyncPolicy::Interval {
-                        Ok(())
-                    } else {
-                        metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
-                        self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
-                        let r = self.active.file.sync_data();
-                        metrics::counter!("manifold_ledger_fsync_micros_total")
-                            .increment((t0.elapsed() - written).as_micros() as u64);
-                        r
-                    }
-                });
-            let took = t0.elapsed();
-            if took >= SLOW_WRITE {
-                tracing::warn!(
-                    ledger = %self.ledger.name,
-                    ms = took.as_millis() as u64,
-                    bytes = self.buf.len(),
-                    "slow group commit (write and fdatasync)"
-                );
-            }
+                .and_then(|()| self.active.file.write_all_at(&self.buf, start_size));
+            let written = t0.elapsed();
+            metrics::counter!("manifold_ledger_write_micros_total")
+                .increment(written.as_micros() as u64);
             if let Err(e) = write {
                 let err = BrokerError::io(&self.active.path, e);
                 tracing::error!(ledger = %self.ledger.name, error = %err, "append failed");
-                // Undo the partial write so later appends follow valid data.
+                // Nobody has seen the run: undo the partial write so later
+                // appends follow valid data.
                 self.zeroed_to = start_size;
                 if let Err(e2) = self.active.file.set_len(start_size) {
                     tracing::error!(ledger = %self.ledger.name, error = %e2,
                         "could not truncate after a failed append; ledger refuses further appends");
-                    self.failed = true;
+                    self.stop();
                 }
                 for r in &mut results[run_start..] {
                     *r = Err(clone_err(&err));
@@ -1505,9 +1559,8 @@ impl Writer {
                 results.extend(entries[i..].iter().map(|_| Err(clone_err(&err))));
                 return results;
             }
-            if self.policy.fsync == FsyncPolicy::Interval {
-                self.dirty = true;
-            }
+            // Published before the fdatasync: readers need not wait for
+            // the disk (see the module documentation).
             self.size += run_bytes;
             self.next_offset = next;
             self.max_ts = max_ts;
@@ -1522,13 +1575,46 @@ impl Writer {
             self.active.max_timestamp.store(max_ts, Ordering::Release);
             self.active.visible_size.store(self.size, Ordering::Release);
             self.active.visible_end.store(next, Ordering::Release);
+            let bytes = self.buf.len();
             if caching {
                 self.cache_run(frames);
             }
             self.ledger.end_tx.send_replace(next);
             metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
             metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
-            let _ = start_offset;
+            if self.policy.fsync == FsyncPolicy::Interval {
+                self.dirty = true;
+                continue;
+            }
+            metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+            self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
+            let synced = self.active.file.sync_data();
+            metrics::counter!("manifold_ledger_fsync_micros_total")
+                .increment((t0.elapsed() - written).as_micros() as u64);
+            let took = t0.elapsed();
+            if took >= SLOW_WRITE {
+                tracing::warn!(
+                    ledger = %self.ledger.name,
+                    ms = took.as_millis() as u64,
+                    bytes,
+                    "slow group commit (write and fdatasync)"
+                );
+            }
+            if let Err(e) = synced {
+                // Readers may have seen the run, and what the page cache
+                // holds after a failed fdatasync is unknown: stop, and let
+                // recovery decide what is stored.
+                let err = BrokerError::io(&self.active.path, e);
+                tracing::error!(ledger = %self.ledger.name, error = %err,
+                    "fdatasync failed; ledger refuses further appends until reopened");
+                self.stop();
+                for r in &mut results[run_start..] {
+                    *r = Err(clone_err(&err));
+                }
+                results.extend(entries[i..].iter().map(|_| Err(clone_err(&err))));
+                return results;
+            }
+            self.ledger.durable_tx.send_replace(next);
         }
         results
     }

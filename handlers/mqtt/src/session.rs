@@ -1690,6 +1690,14 @@ pub(crate) async fn feed(
                     continue;
                 }
             };
+            let end = e.base_offset + u64::from(e.count);
+            if end > ledger.durable_end() && msgs.iter().any(map::published_exactly_once) {
+                // Entries are readable before they are durable; QoS 2 is
+                // forwarded only once it would survive a crash.
+                if ledger.wait_durable(end).await.is_err() {
+                    return;
+                }
+            }
             for (i, msg) in msgs.into_iter().enumerate() {
                 let off = e.base_offset + i as u64;
                 if off < next {
