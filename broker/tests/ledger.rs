@@ -452,10 +452,7 @@ async fn fsync_policies_all_complete_appends() {
         assert_eq!(l.durable_end(), l.end_offset());
         l.close().await;
         // Nothing more becomes durable after close: waiters are told.
-        assert!(matches!(
-            l.wait_durable(65).await,
-            Err(BrokerError::Closed)
-        ));
+        assert!(matches!(l.wait_durable(65).await, Err(BrokerError::Closed)));
         drop(l);
         let l = open(dir.path(), p);
         assert_eq!(l.end_offset(), 64, "{fsync:?}");

@@ -4,9 +4,14 @@
 //!
 //! Concurrency model: a single writer task per ledger owns every mutation
 //! (appends, rollover, trims, retention). Appends queue on a bounded
-//! channel; the writer takes everything queued, writes it with one `write`
-//! and — under [`FsyncPolicy::Group`] — one `fdatasync`, and completes the
-//! appends once that returns. Readers never take the writer's path: they
+//! channel; the writer takes everything queued and writes it with one
+//! `write` (a small run that fits in the zeros already ahead of the
+//! segment's end on the writer's own task, anything else on a blocking
+//! thread). Under [`FsyncPolicy::Group`] writing and syncing are
+//! decoupled: one `fdatasync` at a time runs on a blocking thread and
+//! completes every append written before it started, while the writer goes
+//! on writing what arrives meanwhile (acknowledged by the next one).
+//! Readers never take the writer's path: they
 //! look up a segment under a short read lock and read with positional I/O,
 //! seeing what the writer has published.
 //!
@@ -1211,6 +1216,44 @@ fn load_cursors(path: &Path) -> Result<HashMap<String, Arc<Cursor>>> {
         .collect())
 }
 
+/// Largest run the writer writes on its own task (see
+/// `Writer::fits_inline`); larger ones go to a blocking thread.
+const INLINE_WRITE_MAX: usize = 64 * 1024;
+
+type AppendReply = oneshot::Sender<Result<Appended>>;
+
+/// Group commit under the `group` policy, decoupled from writing: runs are
+/// written and published as they arrive, and one fdatasync at a time covers
+/// everything written before it started and completes those appends. What
+/// arrives during an fdatasync is readable at once and acknowledged by the
+/// next one.
+#[derive(Default)]
+struct SyncPipe {
+    /// Written; waiting for an fdatasync to start.
+    waiting: Vec<(AppendReply, Appended)>,
+    /// The fdatasync running, the end offset it covers, and its appends.
+    #[allow(clippy::type_complexity)]
+    inflight: Option<(
+        tokio::task::JoinHandle<(std::io::Result<()>, Duration)>,
+        u64,
+        Vec<(AppendReply, Appended)>,
+    )>,
+}
+
+impl SyncPipe {
+    /// Waits for the running fdatasync (pending forever if none).
+    async fn wait(&mut self) -> (std::io::Result<()>, Duration) {
+        match self.inflight.as_mut() {
+            Some((h, _, _)) => match h.await {
+                Ok(r) => r,
+                // A panic in fdatasync's closure is a bug.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// The writer's private state: the active segment and its append position.
 struct Writer {
     ledger: Arc<Ledger>,
@@ -1267,12 +1310,26 @@ impl Writer {
         let mut pending: Option<Command> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(self.policy.fsync_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pipe = SyncPipe::default();
         loop {
+            let interval = self.policy.fsync == FsyncPolicy::Interval;
             let cmd = match pending.take() {
                 Some(c) => c,
                 None => tokio::select! {
-                    c = rx.recv() => match c { Some(c) => c, None => { self.stop(); return } },
-                    _ = tick.tick(), if self.dirty => {
+                    c = rx.recv() => match c {
+                        Some(c) => c,
+                        None => {
+                            self.settle(&mut pipe).await;
+                            self.stop();
+                            return;
+                        }
+                    },
+                    r = pipe.wait(), if pipe.inflight.is_some() => {
+                        self.finish_sync(r, &mut pipe);
+                        self.start_sync(&mut pipe);
+                        continue;
+                    }
+                    _ = tick.tick(), if self.dirty && interval => {
                         self = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await.0;
                         continue;
                     }
@@ -1296,16 +1353,30 @@ impl Writer {
                         }
                     }
                     let (entries, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-                    let (w, results) = self
-                        .blocking(move |mut w| {
-                            let r = w.write_batch(&entries);
-                            (w, r)
-                        })
-                        .await;
-                    self = w;
+                    let group = self.policy.fsync == FsyncPolicy::Group;
+                    let results = if group && self.fits_inline(&entries) {
+                        // Into page-cache pages the zeros ahead already
+                        // hold: no allocation, no rollover, microseconds.
+                        self.write_batch(&entries)
+                    } else {
+                        let (w, r) = self
+                            .blocking(move |mut w| {
+                                let r = w.write_batch(&entries);
+                                (w, r)
+                            })
+                            .await;
+                        self = w;
+                        r
+                    };
                     for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(r);
+                        match r {
+                            Ok(a) if group => pipe.waiting.push((reply, a)),
+                            r => {
+                                let _ = reply.send(r);
+                            }
+                        }
                     }
+                    self.start_sync(&mut pipe);
                 }
                 Command::Trim { before, reply } => {
                     let (w, r) = self
@@ -1333,6 +1404,7 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Command::Flush { reply } => {
+                    self.settle(&mut pipe).await;
                     let (w, r) = self
                         .blocking(|mut w| {
                             let r = w.sync();
@@ -1343,12 +1415,14 @@ impl Writer {
                     let _ = reply.send(r);
                 }
                 Command::SetPolicy(p) => {
+                    self.settle(&mut pipe).await;
                     if p.fsync_interval_ms != self.policy.fsync_interval_ms {
                         tick = tokio::time::interval(Duration::from_millis(p.fsync_interval_ms));
                     }
                     self.policy = p;
                 }
                 Command::Close { reply } => {
+                    self.settle(&mut pipe).await;
                     let (w, _) = self
                         .blocking(|mut w| {
                             let r = w.sync();
@@ -1367,6 +1441,95 @@ impl Writer {
                     return;
                 }
             }
+        }
+    }
+
+    /// Whether `entries` can be written on the writer's task instead of a
+    /// blocking thread: a small run into the zeros already ahead of the
+    /// segment's end, without a rollover.
+    fn fits_inline(&self, entries: &[AppendEntry]) -> bool {
+        let len: usize = entries
+            .iter()
+            .map(|e| ENTRY_OVERHEAD + e.payload.len())
+            .sum();
+        !self.failed
+            && len <= INLINE_WRITE_MAX
+            && self.size + len as u64 <= self.zeroed_to
+            && !self.should_roll(len)
+    }
+
+    /// Starts an fdatasync covering every append written so far, unless
+    /// one is running (its completion starts the next).
+    fn start_sync(&mut self, pipe: &mut SyncPipe) {
+        if pipe.inflight.is_some() || pipe.waiting.is_empty() {
+            return;
+        }
+        if self.failed {
+            for (reply, _) in pipe.waiting.drain(..) {
+                let _ = reply.send(Err(BrokerError::Closed));
+            }
+            return;
+        }
+        metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+        self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let seg = self.active.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let r = seg.file.sync_data();
+            (r, t0.elapsed())
+        });
+        pipe.inflight = Some((handle, self.next_offset, std::mem::take(&mut pipe.waiting)));
+    }
+
+    /// Completes the appends of the fdatasync that just finished (or, if
+    /// it failed, stops the writer and fails them and everything after).
+    fn finish_sync(&mut self, r: (std::io::Result<()>, Duration), pipe: &mut SyncPipe) {
+        let Some((_, end, group)) = pipe.inflight.take() else {
+            return;
+        };
+        let (r, took) = r;
+        metrics::counter!("manifold_ledger_fsync_micros_total").increment(took.as_micros() as u64);
+        if took >= SLOW_WRITE {
+            tracing::warn!(ledger = %self.ledger.name, ms = took.as_millis() as u64,
+                appends = group.len(), "slow group commit (fdatasync)");
+        }
+        match r {
+            Ok(()) => {
+                if end == self.next_offset {
+                    self.dirty = false;
+                }
+                self.ledger.durable_tx.send_if_modified(|d| {
+                    let moved = end > *d;
+                    *d = (*d).max(end);
+                    moved
+                });
+                for (reply, a) in group {
+                    let _ = reply.send(Ok(a));
+                }
+            }
+            Err(e) => {
+                // Readers may have seen these runs, and what the page
+                // cache holds after a failed fdatasync is unknown: stop,
+                // and let recovery decide what is stored.
+                let err = BrokerError::io(&self.active.path, e);
+                tracing::error!(ledger = %self.ledger.name, error = %err,
+                    "fdatasync failed; ledger refuses further appends until reopened");
+                self.stop();
+                for (reply, _) in group.into_iter().chain(pipe.waiting.drain(..)) {
+                    let _ = reply.send(Err(clone_err(&err)));
+                }
+            }
+        }
+    }
+
+    /// Waits until every written append is durable and completed.
+    async fn settle(&mut self, pipe: &mut SyncPipe) {
+        while pipe.inflight.is_some() || !pipe.waiting.is_empty() {
+            if pipe.inflight.is_some() {
+                let r = pipe.wait().await;
+                self.finish_sync(r, pipe);
+            }
+            self.start_sync(pipe);
         }
     }
 
@@ -1582,7 +1745,8 @@ impl Writer {
             self.ledger.end_tx.send_replace(next);
             metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
             metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
-            if self.policy.fsync == FsyncPolicy::Interval {
+            if self.policy.fsync != FsyncPolicy::Always {
+                // `group`: the run loop's fdatasync covers it (SyncPipe).
                 self.dirty = true;
                 continue;
             }
