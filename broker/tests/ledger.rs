@@ -128,6 +128,19 @@ async fn sealed_segments_end_at_their_last_entry() {
     l.close().await;
 }
 
+/// A torn write of the last entry (of 100-byte entries) in the first
+/// segment: 70 bytes of it are missing.
+fn tear_last_entry(dir: &std::path::Path) {
+    let seg = dir.join("00000000000000000000.log");
+    let len = std::fs::metadata(&seg).unwrap().len();
+    OpenOptions::new()
+        .write(true)
+        .open(&seg)
+        .unwrap()
+        .set_len(len - 70)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn recovery_truncates_a_torn_tail() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,15 +150,7 @@ async fn recovery_truncates_a_torn_tail() {
     }
     l.close().await;
     drop(l);
-    let seg = dir.path().join("00000000000000000000.log");
-    let len = std::fs::metadata(&seg).unwrap().len();
-    // A torn write: half of the last entry is missing.
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 70)
-        .unwrap();
+    tear_last_entry(dir.path());
     let l = open(dir.path(), policy(1 << 20));
     assert_eq!(l.end_offset(), 9, "the torn entry is dropped");
     let e = l.read(8, 1).await.unwrap();
@@ -181,14 +186,7 @@ async fn cursors_past_what_a_crash_lost_are_clamped_to_the_recovered_end() {
     l.close().await;
     drop((l, c, d));
     // The crash lost the last entry.
-    let seg = dir.path().join("00000000000000000000.log");
-    let len = std::fs::metadata(&seg).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(&seg)
-        .unwrap()
-        .set_len(len - 70)
-        .unwrap();
+    tear_last_entry(dir.path());
     let l = open(dir.path(), policy(1 << 20));
     assert_eq!(l.end_offset(), 9);
     let c = l.cursor("sub").unwrap();

@@ -1254,6 +1254,33 @@ impl SyncPipe {
     }
 }
 
+/// Zeros being written ahead of the active segment's end in the background
+/// (see `Writer::start_zeros`): the task, the segment, the zeroed end when
+/// it started, and the end it zeroes to.
+#[derive(Default)]
+struct ZeroAhead {
+    #[allow(clippy::type_complexity)]
+    inflight: Option<(
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        Arc<Segment>,
+        u64,
+        u64,
+    )>,
+}
+
+impl ZeroAhead {
+    /// Waits for the zeros being written (pending forever if none).
+    async fn wait(&mut self) -> std::io::Result<()> {
+        match self.inflight.as_mut() {
+            Some((h, _, _, _)) => match h.await {
+                Ok(r) => r,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// The writer's private state: the active segment and its append position.
 struct Writer {
     ledger: Arc<Ledger>,
@@ -1311,6 +1338,7 @@ impl Writer {
         let mut tick = tokio::time::interval(Duration::from_millis(self.policy.fsync_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pipe = SyncPipe::default();
+        let mut zeros = ZeroAhead::default();
         loop {
             let interval = self.policy.fsync == FsyncPolicy::Interval;
             let cmd = match pending.take() {
@@ -1327,6 +1355,10 @@ impl Writer {
                     r = pipe.wait(), if pipe.inflight.is_some() => {
                         self.finish_sync(r, &mut pipe);
                         self.start_sync(&mut pipe);
+                        continue;
+                    }
+                    r = zeros.wait(), if zeros.inflight.is_some() => {
+                        self.finish_zeros(r, &mut zeros);
                         continue;
                     }
                     _ = tick.tick(), if self.dirty && interval => {
@@ -1359,6 +1391,8 @@ impl Writer {
                         // hold: no allocation, no rollover, microseconds.
                         self.write_batch(&entries)
                     } else {
+                        // It may zero ahead or roll over itself.
+                        self.settle_zeros(&mut zeros).await;
                         let (w, r) = self
                             .blocking(move |mut w| {
                                 let r = w.write_batch(&entries);
@@ -1377,6 +1411,7 @@ impl Writer {
                         }
                     }
                     self.start_sync(&mut pipe);
+                    self.start_zeros(&mut zeros);
                 }
                 Command::Trim { before, reply } => {
                     let (w, r) = self
@@ -1423,6 +1458,7 @@ impl Writer {
                 }
                 Command::Close { reply } => {
                     self.settle(&mut pipe).await;
+                    self.settle_zeros(&mut zeros).await;
                     let (w, _) = self
                         .blocking(|mut w| {
                             let r = w.sync();
@@ -1519,6 +1555,54 @@ impl Writer {
                     let _ = reply.send(Err(clone_err(&err)));
                 }
             }
+        }
+    }
+
+    /// Extends the zeros ahead of the segment's end on a blocking thread
+    /// once fewer than [`segment::ZERO_AHEAD`] bytes of them are left, so
+    /// that appends keep landing in pages that already exist instead of
+    /// stopping for a step of zeros (measured: about 2.5 ms for 1 MiB into
+    /// memory the VM had not touched yet, which was the MQTT p99).
+    fn start_zeros(&mut self, zeros: &mut ZeroAhead) {
+        if zeros.inflight.is_some() || self.failed {
+            return;
+        }
+        let step = segment::ZERO_AHEAD;
+        let from = self.zeroed_to.max(self.size);
+        if from - self.size >= step {
+            return;
+        }
+        let to = (from + step).min(self.policy.segment_bytes.max(self.size));
+        if to <= from {
+            return;
+        }
+        let seg = self.active.clone();
+        let handle = tokio::task::spawn_blocking(move || segment::write_zeros(&seg.file, from, to));
+        zeros.inflight = Some((handle, self.active.clone(), self.zeroed_to, to));
+    }
+
+    /// Takes the zeros written in the background as the new zeroed end, if
+    /// nothing changed the segment or its end meanwhile.
+    fn finish_zeros(&mut self, r: std::io::Result<()>, zeros: &mut ZeroAhead) {
+        let Some((_, seg, was, to)) = zeros.inflight.take() else {
+            return;
+        };
+        match r {
+            Ok(()) if Arc::ptr_eq(&seg, &self.active) && self.zeroed_to == was => {
+                self.zeroed_to = to;
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(ledger = %self.ledger.name, error = %e, "zeroing ahead failed");
+            }
+        }
+    }
+
+    /// Waits for the zeros being written in the background, if any.
+    async fn settle_zeros(&mut self, zeros: &mut ZeroAhead) {
+        if zeros.inflight.is_some() {
+            let r = zeros.wait().await;
+            self.finish_zeros(r, zeros);
         }
     }
 
@@ -1716,10 +1800,7 @@ impl Writer {
                         "could not truncate after a failed append; ledger refuses further appends");
                     self.stop();
                 }
-                for r in &mut results[run_start..] {
-                    *r = Err(clone_err(&err));
-                }
-                results.extend(entries[i..].iter().map(|_| Err(clone_err(&err))));
+                fail_from(&mut results, run_start, entries.len(), &err);
                 return results;
             }
             // Published before the fdatasync: readers need not wait for
@@ -1772,10 +1853,7 @@ impl Writer {
                 tracing::error!(ledger = %self.ledger.name, error = %err,
                     "fdatasync failed; ledger refuses further appends until reopened");
                 self.stop();
-                for r in &mut results[run_start..] {
-                    *r = Err(clone_err(&err));
-                }
-                results.extend(entries[i..].iter().map(|_| Err(clone_err(&err))));
+                fail_from(&mut results, run_start, entries.len(), &err);
                 return results;
             }
             self.ledger.durable_tx.send_replace(next);
@@ -1929,6 +2007,13 @@ impl Writer {
         }
         Ok(n)
     }
+}
+
+/// Fails the results of a batch of `total` entries from `from` on (those
+/// already pushed and those not reached).
+fn fail_from(results: &mut Vec<Result<Appended>>, from: usize, total: usize, err: &BrokerError) {
+    results.truncate(from);
+    results.resize_with(total, || Err(clone_err(err)));
 }
 
 fn clone_err(e: &BrokerError) -> BrokerError {
