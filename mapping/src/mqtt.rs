@@ -782,8 +782,17 @@ mod tests {
             user_properties: vec![("k".into(), "v".into()), ("mqtt.x".into(), "y".into())],
         };
         let m = publish_to_message(&p, 1000);
+        assert!(published_exactly_once(&m));
         let back = message_to_publish(&m, "ignored", 1000);
         assert_eq!(back, p);
+        let once = publish_to_message(
+            &MqttPublish {
+                qos: 1,
+                ..p.clone()
+            },
+            1000,
+        );
+        assert!(!published_exactly_once(&once));
         assert!(!is_expired(&m, 60_999));
         assert!(is_expired(&m, 61_000));
         // A foreign message: headers become user properties, default QoS 1.
@@ -791,6 +800,10 @@ mod tests {
         f.headers.push(("trace".into(), Bytes::from_static(b"1")));
         f.headers.push(("bin".into(), Bytes::from_static(b"\xff")));
         let q = message_to_publish(&f, "orders/eu", 0);
+        assert!(!published_exactly_once(&f));
+        // Only MQTT's own QoS 2 waits for durability, not a look-alike header.
+        f.headers.push((H_QOS.into(), Bytes::from_static(b"2")));
+        assert!(!published_exactly_once(&f));
         assert_eq!(q.topic, "orders/eu");
         assert_eq!(q.qos, 1);
         assert_eq!(
