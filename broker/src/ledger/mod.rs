@@ -1482,7 +1482,9 @@ impl Writer {
 
     /// Whether `entries` can be written on the writer's task instead of a
     /// blocking thread: a small run into the zeros already ahead of the
-    /// segment's end, without a rollover.
+    /// segment's end, without a rollover. Such a write copies into pages
+    /// that exist; at worst it waits for the file's lock behind one 64 KiB
+    /// step of the zeros being extended in the background.
     fn fits_inline(&self, entries: &[AppendEntry]) -> bool {
         let len: usize = entries
             .iter()
