@@ -267,7 +267,7 @@ mod tests {
         let tx = spawn(1, 16, events);
         tx.send(publish(&ok)).await.unwrap();
         assert!(barrier(&tx).await, "a stored publish commits");
-        assert_eq!(ok.ledger.end_offset(), 1, "durable before the barrier");
+        assert_eq!(ok.ledger.durable_end(), 1, "durable before the barrier");
         tx.send(publish(&ok)).await.unwrap();
         tx.send(publish(&full)).await.unwrap();
         tx.send(publish(&ok)).await.unwrap();
