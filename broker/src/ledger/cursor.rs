@@ -99,7 +99,7 @@ impl RangeSet {
     pub fn remove_from(&mut self, offset: u64) {
         let above: Vec<(u64, u64)> = self
             .ranges
-            .range(..)
+            .iter()
             .filter(|(_, &e)| e > offset)
             .map(|(&s, &e)| (s, e))
             .collect();

@@ -1240,15 +1240,20 @@ struct SyncPipe {
     )>,
 }
 
+/// The result of a blocking task of the writer. A panic in it is a bug,
+/// passed on.
+async fn joined<T>(h: &mut tokio::task::JoinHandle<T>) -> T {
+    match h.await {
+        Ok(r) => r,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
 impl SyncPipe {
     /// Waits for the running fdatasync (pending forever if none).
     async fn wait(&mut self) -> (std::io::Result<()>, Duration) {
         match self.inflight.as_mut() {
-            Some((h, _, _)) => match h.await {
-                Ok(r) => r,
-                // A panic in fdatasync's closure is a bug.
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            },
+            Some((h, _, _)) => joined(h).await,
             None => std::future::pending().await,
         }
     }
@@ -1272,10 +1277,7 @@ impl ZeroAhead {
     /// Waits for the zeros being written (pending forever if none).
     async fn wait(&mut self) -> std::io::Result<()> {
         match self.inflight.as_mut() {
-            Some((h, _, _, _)) => match h.await {
-                Ok(r) => r,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            },
+            Some((h, _, _, _)) => joined(h).await,
             None => std::future::pending().await,
         }
     }
@@ -1546,13 +1548,7 @@ impl Writer {
                 }
             }
             Err(e) => {
-                // Readers may have seen these runs, and what the page
-                // cache holds after a failed fdatasync is unknown: stop,
-                // and let recovery decide what is stored.
-                let err = BrokerError::io(&self.active.path, e);
-                tracing::error!(ledger = %self.ledger.name, error = %err,
-                    "fdatasync failed; ledger refuses further appends until reopened");
-                self.stop();
+                let err = self.fsync_failed(e);
                 for (reply, _) in group.into_iter().chain(pipe.waiting.drain(..)) {
                     let _ = reply.send(Err(clone_err(&err)));
                 }
@@ -1624,11 +1620,8 @@ impl Writer {
         self,
         f: impl FnOnce(Writer) -> (Writer, R) + Send + 'static,
     ) -> (Writer, R) {
-        match tokio::task::spawn_blocking(move || f(self)).await {
-            Ok(r) => r,
-            // A panic in the closure is a bug; there is no writer to go on with.
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        }
+        // A panic in the closure leaves no writer to go on with.
+        joined(&mut tokio::task::spawn_blocking(move || f(self))).await
     }
 
     fn sync(&mut self) -> Result<()> {
@@ -1646,6 +1639,18 @@ impl Writer {
         }
         self.ledger.durable_tx.send_replace(self.next_offset);
         Ok(())
+    }
+
+    /// A failed fdatasync of the active segment. Readers may have seen
+    /// what it was to make durable, and what the page cache holds after it
+    /// is unknown: the writer stops, and recovery at the next open decides
+    /// what is stored. Returns the error for the appends it fails.
+    fn fsync_failed(&mut self, e: std::io::Error) -> BrokerError {
+        let err = BrokerError::io(&self.active.path, e);
+        tracing::error!(ledger = %self.ledger.name, error = %err,
+            "fdatasync failed; ledger refuses further appends until reopened");
+        self.stop();
+        err
     }
 
     /// Stops the writer for good (a failure readers may have seen, or
@@ -1848,13 +1853,7 @@ impl Writer {
                 );
             }
             if let Err(e) = synced {
-                // Readers may have seen the run, and what the page cache
-                // holds after a failed fdatasync is unknown: stop, and let
-                // recovery decide what is stored.
-                let err = BrokerError::io(&self.active.path, e);
-                tracing::error!(ledger = %self.ledger.name, error = %err,
-                    "fdatasync failed; ledger refuses further appends until reopened");
-                self.stop();
+                let err = self.fsync_failed(e);
                 fail_from(&mut results, run_start, entries.len(), &err);
                 return results;
             }
