@@ -42,6 +42,11 @@ pub struct BrokerConfig {
     /// Bytes all the partitions' tail caches may hold together; a partition
     /// whose commit does not fit is served from its segment files.
     pub read_cache_bytes: usize,
+    /// Bytes of each partition's latest written data left in the OS page
+    /// cache; older data is dropped from it once durable, so sustained
+    /// appends reuse memory instead of growing the page cache (0: leave
+    /// the page cache to the kernel).
+    pub drop_behind_bytes: u64,
 }
 
 impl Default for BrokerConfig {
@@ -56,6 +61,7 @@ impl Default for BrokerConfig {
             cursor_flush_interval_ms: 1_000,
             tail_cache_bytes: 1024 * 1024,
             read_cache_bytes: 256 * 1024 * 1024,
+            drop_behind_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -222,6 +228,7 @@ impl Broker {
                 .clamp(1, u64::from(u32::MAX >> 3)) as u32,
             tail_cache_bytes: self.config.tail_cache_bytes,
             cache_budget: self.cache_budget.clone(),
+            drop_behind_bytes: self.config.drop_behind_bytes,
         }
     }
 

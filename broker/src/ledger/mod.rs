@@ -82,6 +82,11 @@ pub struct LedgerOptions {
     pub tail_cache_bytes: usize,
     /// The budget the tail caches of many ledgers share.
     pub cache_budget: Arc<CacheBudget>,
+    /// Written bytes further than this behind the durable end of the
+    /// active segment are dropped from the OS page cache after their
+    /// fdatasync (see [`segment::Segment::drop_cached_below`]); 0 leaves
+    /// the page cache to the kernel.
+    pub drop_behind_bytes: u64,
 }
 
 impl Default for LedgerOptions {
@@ -93,6 +98,7 @@ impl Default for LedgerOptions {
             budget_units: 256 * 1024,
             tail_cache_bytes: 1024 * 1024,
             cache_budget: CacheBudget::new(usize::MAX),
+            drop_behind_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -1513,9 +1519,15 @@ impl Writer {
         metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
         self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
         let seg = self.active.clone();
+        let drop_below = self.drop_below();
         let handle = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let r = seg.file.sync_data();
+            if r.is_ok() {
+                if let Some(upto) = drop_below {
+                    seg.drop_cached_below(upto);
+                }
+            }
             (r, t0.elapsed())
         });
         pipe.inflight = Some((handle, self.next_offset, std::mem::take(&mut pipe.waiting)));
@@ -1636,9 +1648,19 @@ impl Writer {
             metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
             self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.dirty = false;
+            if let Some(upto) = self.drop_below() {
+                self.active.drop_cached_below(upto);
+            }
         }
         self.ledger.durable_tx.send_replace(self.next_offset);
         Ok(())
+    }
+
+    /// Where the page cache of the active segment may be dropped once
+    /// what is written now is durable (`None`: dropping is off).
+    fn drop_below(&self) -> Option<u64> {
+        let keep = self.ledger.options.drop_behind_bytes;
+        (keep > 0).then(|| self.size.saturating_sub(keep))
     }
 
     /// A failed fdatasync of the active segment. Readers may have seen
@@ -1856,6 +1878,9 @@ impl Writer {
                 let err = self.fsync_failed(e);
                 fail_from(&mut results, run_start, entries.len(), &err);
                 return results;
+            }
+            if let Some(upto) = self.drop_below() {
+                self.active.drop_cached_below(upto);
             }
             self.ledger.durable_tx.send_replace(next);
         }

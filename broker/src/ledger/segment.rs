@@ -96,6 +96,22 @@ pub(crate) enum ReadMode {
     CachedOnly,
 }
 
+/// `posix_fadvise(POSIX_FADV_DONTNEED)` on `len` bytes from `pos`: a hint,
+/// so a failure is only logged.
+#[allow(unsafe_code)]
+fn advise_dontneed(file: &File, pos: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(len)) = (libc::off_t::try_from(pos), libc::off_t::try_from(len)) else {
+        return;
+    };
+    // SAFETY: posix_fadvise takes no pointers; the descriptor is open for
+    // as long as `file` is borrowed.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::from_raw_os_error(r), "posix_fadvise failed");
+    }
+}
+
 /// One `pread` of up to `len` bytes into `dst`; returns how many bytes it
 /// wrote (0 at the end of the file).
 ///
@@ -338,7 +354,14 @@ pub(crate) struct Segment {
     /// Largest visible timestamp (i64::MIN when empty).
     pub(crate) max_timestamp: AtomicI64,
     pub(crate) index: RwLock<Vec<IndexPoint>>,
+    /// Below this position the segment's pages were last dropped from the
+    /// page cache ([`Segment::drop_cached_below`]).
+    dropped_to: AtomicU64,
 }
+
+/// The fewest bytes [`Segment::drop_cached_below`] drops at once (fewer
+/// system calls for small appends).
+const DROP_STEP: u64 = 1 << 20;
 
 pub(crate) fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
     dir.join(format!("{base:020}.{ext}"))
@@ -511,6 +534,7 @@ impl Segment {
             visible_end: AtomicU64::new(base),
             max_timestamp: AtomicI64::new(i64::MIN),
             index: RwLock::new(Vec::new()),
+            dropped_to: AtomicU64::new(0),
         })
     }
 
@@ -523,7 +547,32 @@ impl Segment {
             visible_end: AtomicU64::new(s.end_offset),
             max_timestamp: AtomicI64::new(s.max_timestamp),
             index: RwLock::new(s.index),
+            dropped_to: AtomicU64::new(0),
         }
+    }
+
+    /// Drops the segment's pages below `upto` from the page cache, from
+    /// where the last call stopped, once at least [`DROP_STEP`] bytes are
+    /// due. Only for bytes already made durable: their pages are clean, so
+    /// the kernel frees them (best effort; a page it cannot drop stays).
+    ///
+    /// Sustained appends otherwise grow the page cache by everything ever
+    /// written; freeing what is behind lets the next appends reuse the same
+    /// memory (BookKeeper drops its journal's pages the same way). Readers
+    /// of dropped data read it back from the file, which is correct, only
+    /// slower.
+    pub(crate) fn drop_cached_below(&self, upto: u64) {
+        let upto = upto & !4095;
+        let from = self.dropped_to.load(Ordering::Acquire);
+        if upto < from.saturating_add(DROP_STEP)
+            || self
+                .dropped_to
+                .compare_exchange(from, upto, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        advise_dontneed(&self.file, from, upto - from);
     }
 
     pub(crate) fn size(&self) -> u64 {
