@@ -719,10 +719,20 @@ async fn durable_data_behind_the_window_leaves_the_page_cache_and_reads_back_int
         cached <= 6 << 20,
         "{cached} bytes of the segment still cached after 12 MiB of durable appends"
     );
+    // Entry by entry, then in reads large enough to be dropped behind the
+    // reader too.
     for (i, p) in model.iter().enumerate() {
         let got = l.read(i as u64, 1).await.unwrap();
         assert_eq!(got[0].base_offset, i as u64);
         assert_eq!(got[0].payload.as_ref(), &p[..], "entry {i}");
+    }
+    let mut from = 0u64;
+    while from < l.end_offset() {
+        let got = l.read(from, 3 << 20).await.unwrap();
+        for e in &got {
+            assert_eq!(e.payload.as_ref(), &model[e.base_offset as usize][..]);
+        }
+        from = got.last().unwrap().end_offset();
     }
     l.close().await;
 }

@@ -575,6 +575,18 @@ impl Segment {
         advise_dontneed(&self.file, from, upto - from);
     }
 
+    /// After a read of `len` bytes from `pos` wholly behind the written
+    /// data already dropped from the page cache: drops what it brought in,
+    /// too, so a reader catching up through old data reuses memory as
+    /// appends do instead of refilling the page cache with all it reads.
+    fn drop_read(&self, pos: u64, len: u64) {
+        let end = pos + len;
+        if len >= DROP_STEP && end <= self.dropped_to.load(Ordering::Acquire) {
+            let from = pos & !4095;
+            advise_dontneed(&self.file, from, (end & !4095) - from);
+        }
+    }
+
     pub(crate) fn size(&self) -> u64 {
         self.visible_size.load(Ordering::Acquire)
     }
@@ -659,6 +671,7 @@ impl Segment {
                     .map_err(|e| BrokerError::io(&self.path, e))?;
             }
         }
+        self.drop_read(pos, buf.len() as u64);
         let buf = buf.freeze();
         if buf.len() >= RECYCLE_MIN {
             *recycle.lock().unwrap_or_else(|e| e.into_inner()) = Some(buf.clone());
