@@ -1523,12 +1523,14 @@ impl Writer {
         let handle = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let r = seg.file.sync_data();
+            // Timed before the drop: the metric is the fdatasync's.
+            let took = t0.elapsed();
             if r.is_ok() {
                 if let Some(upto) = drop_below {
                     seg.drop_cached_below(upto);
                 }
             }
-            (r, t0.elapsed())
+            (r, took)
         });
         pipe.inflight = Some((handle, self.next_offset, std::mem::take(&mut pipe.waiting)));
     }

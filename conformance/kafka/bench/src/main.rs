@@ -178,6 +178,14 @@ fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Seconds from the earliest start to the latest finish (0 without both).
+fn span(first: Option<Instant>, last: Option<Instant>) -> f64 {
+    match (first, last) {
+        (Some(f), Some(l)) => secs(l.saturating_duration_since(f)),
+        _ => 0.0,
+    }
+}
+
 // ---------------------------------------------------------------- produce
 
 struct ProduceOpts {
@@ -477,10 +485,7 @@ fn produce(o: &ProduceOpts) -> Res<String> {
     let errors: u64 = done.iter().map(|p| p.errors).sum();
     let first = done.iter().map(|p| p.start).min();
     let last = done.iter().filter_map(|p| p.last_ack).max();
-    let elapsed = match (first, last) {
-        (Some(f), Some(l)) => secs(l.saturating_duration_since(f)),
-        _ => 0.0,
-    };
+    let elapsed = span(first, last);
     let mut lat: Vec<u64> = done.into_iter().flat_map(|p| p.latencies_ns).collect();
     lat.sort_unstable();
     // The same rank rule kafka-bench used: p50 = lat[n/2],
@@ -620,9 +625,6 @@ fn consume(o: &ConsumeOpts) -> Res<String> {
     let got: u64 = done.iter().map(|c| c.got).sum();
     let first = done.iter().filter_map(|c| c.first).min();
     let last = done.iter().filter_map(|c| c.last).max();
-    let elapsed = match (first, last) {
-        (Some(f), Some(l)) => secs(l.duration_since(f)),
-        _ => 0.0,
-    };
+    let elapsed = span(first, last);
     Ok(json!({"got": got, "elapsed_s": elapsed}).to_string())
 }
