@@ -1394,7 +1394,9 @@ impl Writer {
                     }
                     let (entries, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
                     let group = self.policy.fsync == FsyncPolicy::Group;
-                    let results = if group && self.fits_inline(&entries) {
+                    // `always` fdatasyncs inside the write: never inline.
+                    let inline = self.policy.fsync != FsyncPolicy::Always;
+                    let results = if inline && self.fits_inline(&entries) {
                         // Into page-cache pages the zeros ahead already
                         // hold: no allocation, no rollover, microseconds.
                         self.write_batch(&entries)
