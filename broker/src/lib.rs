@@ -17,7 +17,7 @@ pub use broker::{Broker, BrokerConfig, CursorStats, PartitionStats, TopicStats};
 pub use error::{BrokerError, Result};
 pub use ledger::{
     AppendEntry, Appended, Backlog, CacheBudget, Cursor, CursorOptions, Entry, InitialPosition,
-    Ledger, LedgerOptions, PendingAppend,
+    Journal, JournalOptions, Ledger, LedgerOptions, PendingAppend,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

@@ -5,6 +5,9 @@
 //! the cursor at or past its last reported position, and accept new
 //! appends.
 //!
+//! The same runs once more with the broker's shared journal, whose replay
+//! runs before the ledger reopens.
+//!
 //! The child is this same test binary, re-run with `CRASH_CHILD_DIR` set.
 
 mod common;
@@ -14,10 +17,30 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use broker::InitialPosition;
-use common::{entry, open, policy};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use broker::{InitialPosition, Journal, JournalOptions, Ledger, LedgerOptions};
+use common::{entry, open_with, policy};
 
 const CHILD_ENV: &str = "CRASH_CHILD_DIR";
+const JOURNAL_ENV: &str = "CRASH_JOURNAL";
+
+/// Opens the ledger under `root` (with the journal in `root` if asked,
+/// replayed first).
+fn open_ledger(root: &Path, journal: bool) -> (Arc<Ledger>, Option<Arc<Journal>>) {
+    let (dir, j) = if journal {
+        let j = Journal::open(root, JournalOptions::default()).expect("journal opens");
+        (root.join("ledgers/t/0"), Some(j))
+    } else {
+        (PathBuf::from(root), None)
+    };
+    let options = LedgerOptions {
+        journal: j.clone(),
+        ..LedgerOptions::default()
+    };
+    (open_with(&dir, policy(64 * 1024), options), j)
+}
 
 /// The child: appends forever from several concurrent tasks.
 #[test]
@@ -31,8 +54,9 @@ fn crash_child() {
         .enable_all()
         .build()
         .unwrap();
+    let journal = std::env::var(JOURNAL_ENV).is_ok();
     rt.block_on(async move {
-        let l = open(std::path::Path::new(&dir), policy(64 * 1024));
+        let (l, _journal) = open_ledger(Path::new(&dir), journal);
         let cursor = l.open_cursor("c", InitialPosition::Earliest).await.unwrap();
         let mut tasks = Vec::new();
         for t in 0..4u64 {
@@ -69,6 +93,15 @@ fn pseudo_random(seed: &mut u64) -> u64 {
 
 #[test]
 fn appends_survive_sigkill() {
+    sigkill_rounds(false);
+}
+
+#[test]
+fn appends_survive_sigkill_with_the_journal() {
+    sigkill_rounds(true);
+}
+
+fn sigkill_rounds(journal: bool) {
     if std::env::var(CHILD_ENV).is_ok() {
         return;
     }
@@ -91,6 +124,7 @@ fn appends_survive_sigkill() {
                 "1",
             ])
             .env(CHILD_ENV, dir.path())
+            .envs(journal.then_some((JOURNAL_ENV, "1")))
             .env("CRASH_ROUND", round.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -155,7 +189,7 @@ fn appends_survive_sigkill() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let l = open(dir.path(), policy(64 * 1024));
+            let (l, j) = open_ledger(dir.path(), journal);
             let end = l.end_offset();
             for (&base, (count, payload)) in &acked {
                 // Reported lines may be cut mid-payload by the kill; the
@@ -190,6 +224,9 @@ fn appends_survive_sigkill() {
             let a = l.append(entry("after-recovery", 1, 0)).await.unwrap();
             assert_eq!(a.base_offset, end);
             l.close().await;
+            if let Some(j) = j {
+                j.shutdown();
+            }
         });
     }
 }

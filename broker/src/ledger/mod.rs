@@ -41,6 +41,7 @@
 //! cached, so the caches of many partitions stay within one bound.
 
 mod cursor;
+pub mod journal;
 mod segment;
 
 use std::collections::{BTreeMap, HashMap};
@@ -57,6 +58,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 pub use cursor::{Cursor, CursorOptions, InitialPosition, RangeSet};
+pub use journal::{Journal, JournalOptions};
 pub use segment::{Entry, ENTRY_OVERHEAD};
 
 use crate::error::{BrokerError, Result};
@@ -87,6 +89,10 @@ pub struct LedgerOptions {
     /// fdatasync (see [`segment::Segment::drop_cached_below`]); 0 leaves
     /// the page cache to the kernel.
     pub drop_behind_bytes: u64,
+    /// The broker's journal: small appends under the `group` policy are
+    /// made durable by it instead of by an fdatasync of the segment (see
+    /// [`journal`]). `None`: every ledger syncs its own segments.
+    pub journal: Option<Arc<Journal>>,
 }
 
 impl Default for LedgerOptions {
@@ -99,6 +105,7 @@ impl Default for LedgerOptions {
             tail_cache_bytes: 1024 * 1024,
             cache_budget: CacheBudget::new(usize::MAX),
             drop_behind_bytes: 64 * 1024 * 1024,
+            journal: None,
         }
     }
 }
@@ -379,6 +386,11 @@ pub struct Ledger {
     read_buf: Mutex<Option<Bytes>>,
     /// Recent entries for tailing readers.
     tail: RwLock<TailCache>,
+    /// Tells this ledger from an earlier one in the same directory (a topic
+    /// deleted and created again), for the journal's replay.
+    incarnation: u64,
+    /// The ledger's key in the journal, if it uses one.
+    journal_key: Option<String>,
 }
 
 /// Largest read tried on the calling (async) thread from the page cache
@@ -395,6 +407,20 @@ const LEDGER_META_FILE: &str = "ledger.json";
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct LedgerMetaFile {
     start_offset: u64,
+    /// See [`Ledger::incarnation`]; 0 in files written before it existed.
+    #[serde(default)]
+    incarnation: u64,
+}
+
+/// A number no earlier ledger in the same directory had (the clock in
+/// nanoseconds, the process id and a counter).
+fn new_incarnation() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    (nanos ^ (u64::from(std::process::id()) << 40) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).max(1)
 }
 
 /// Writes `data` to `path` crash-safely: temp file, fsync, rename, fsync of
@@ -412,6 +438,15 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
         Ok(())
     })();
     res.map_err(|e| BrokerError::io(path, e))
+}
+
+fn write_meta(dir: &Path, meta: &LedgerMetaFile) -> Result<()> {
+    let path = dir.join(LEDGER_META_FILE);
+    let data = serde_json::to_vec(meta).map_err(|e| BrokerError::Metadata {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    write_atomic(&path, &data)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -438,7 +473,11 @@ impl Ledger {
         budget: Arc<Semaphore>,
     ) -> Result<Arc<Ledger>> {
         fs::create_dir_all(dir).map_err(|e| BrokerError::io(dir, e))?;
-        let meta: LedgerMetaFile = read_json(&dir.join(LEDGER_META_FILE))?.unwrap_or_default();
+        let mut meta: LedgerMetaFile = read_json(&dir.join(LEDGER_META_FILE))?.unwrap_or_default();
+        if meta.incarnation == 0 {
+            meta.incarnation = new_incarnation();
+            write_meta(dir, &meta)?;
+        }
         let mut bases: Vec<u64> = fs::read_dir(dir)
             .map_err(|e| BrokerError::io(dir, e))?
             .filter_map(|e| e.ok())
@@ -560,6 +599,7 @@ impl Ledger {
         let start = meta.start_offset.max(first_base).min(end);
 
         let (tx, rx) = mpsc::channel(options.queue_depth.max(1));
+        let options_journal_key = options.journal.as_ref().and_then(|j| j.key_for(dir));
         let tail = RwLock::new(TailCache::new(options.cache_budget.clone()));
         let (end_tx, _) = watch::channel(end);
         let (durable_tx, _) = watch::channel(end);
@@ -599,6 +639,8 @@ impl Ledger {
             fsyncs: AtomicU64::new(0),
             read_buf: Mutex::new(None),
             tail,
+            incarnation: meta.incarnation,
+            journal_key: options_journal_key,
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -1307,6 +1349,10 @@ struct Writer {
     /// The active segment's file holds zeros from `size` up to here
     /// (`segment::ZERO_AHEAD`).
     zeroed_to: u64,
+    /// `write_batch` keeps the run it writes (for the journal) in
+    /// `kept_run`: its position in the active segment and its bytes.
+    keep_run: bool,
+    kept_run: Option<(u64, Bytes)>,
 }
 
 impl Writer {
@@ -1335,6 +1381,8 @@ impl Writer {
             dirty: false,
             failed: false,
             buf: Vec::new(),
+            keep_run: false,
+            kept_run: None,
             active,
             ledger,
             policy,
@@ -1396,10 +1444,19 @@ impl Writer {
                     let group = self.policy.fsync == FsyncPolicy::Group;
                     // `always` fdatasyncs inside the write: never inline.
                     let inline = self.policy.fsync != FsyncPolicy::Always;
+                    let journal = match (&self.ledger.options.journal, &self.ledger.journal_key) {
+                        (Some(j), Some(_)) if group => Some(j.clone()),
+                        _ => None,
+                    };
                     let results = if inline && self.fits_inline(&entries) {
                         // Into page-cache pages the zeros ahead already
                         // hold: no allocation, no rollover, microseconds.
-                        self.write_batch(&entries)
+                        // Under `group` with a journal, the journal makes
+                        // the run durable.
+                        self.keep_run = journal.is_some();
+                        let r = self.write_batch(&entries);
+                        self.keep_run = false;
+                        r
                     } else {
                         // It may zero ahead or roll over itself.
                         self.settle_zeros(&mut zeros).await;
@@ -1412,13 +1469,26 @@ impl Writer {
                         self = w;
                         r
                     };
+                    let run = self.kept_run.take();
+                    let mut journaled = Vec::new();
                     for (reply, r) in replies.into_iter().zip(results) {
                         match r {
+                            Ok(a) if run.is_some() => journaled.push((reply, a)),
                             Ok(a) if group => pipe.waiting.push((reply, a)),
                             r => {
                                 let _ = reply.send(r);
                             }
                         }
+                    }
+                    if let (Some(j), Some((pos, data))) = (journal, run) {
+                        j.submit(journal::Record {
+                            ledger: self.ledger.clone(),
+                            seg: self.active.clone(),
+                            pos,
+                            data,
+                            end: self.next_offset,
+                            replies: journaled,
+                        });
                     }
                     self.start_sync(&mut pipe);
                     self.start_zeros(&mut zeros);
@@ -1853,8 +1923,29 @@ impl Writer {
             self.active.visible_size.store(self.size, Ordering::Release);
             self.active.visible_end.store(next, Ordering::Release);
             let bytes = self.buf.len();
-            if caching {
-                self.cache_run(frames);
+            let cache = caching && bytes <= self.ledger.options.tail_cache_bytes;
+            if caching && !cache {
+                // Too large to cache: what is cached would no longer be
+                // contiguous with the next run.
+                self.ledger
+                    .tail
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            }
+            if cache || self.keep_run {
+                // The buffer goes with the run (a new one is allocated for
+                // the next), so cached payloads and the journal's record
+                // are exactly what was written.
+                let written =
+                    Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(bytes)));
+                if cache {
+                    self.cache_run(frames, written.clone());
+                }
+                if self.keep_run {
+                    debug_assert!(self.kept_run.is_none(), "a journaled batch is one run");
+                    self.kept_run = Some((start_size, written));
+                }
             }
             self.ledger.end_tx.send_replace(next);
             metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
@@ -1891,21 +1982,11 @@ impl Writer {
         results
     }
 
-    /// Hands the run just written (still in `self.buf`) to the tail cache.
-    /// The buffer goes with it (a new one is allocated for the next run),
-    /// so cached payloads are slices of exactly what was written.
-    fn cache_run(&mut self, frames: Vec<(usize, usize, Entry)>) {
+    /// Hands the run just written to the tail cache (its payloads become
+    /// slices of `written`).
+    fn cache_run(&mut self, frames: Vec<(usize, usize, Entry)>, written: Bytes) {
         let cap = self.ledger.options.tail_cache_bytes;
         let mut cache = self.ledger.tail.write().unwrap_or_else(|e| e.into_inner());
-        if self.buf.len() > cap {
-            // Too large to cache: what is cached would no longer be
-            // contiguous with the next run.
-            cache.clear();
-            return;
-        }
-        let next = Vec::with_capacity(self.buf.len());
-        let written = std::mem::replace(&mut self.buf, next);
-        let written = Bytes::from(written);
         let entries = frames
             .into_iter()
             .map(|(at, len, mut e)| {
@@ -1927,14 +2008,13 @@ impl Writer {
     }
 
     fn persist_start(&self, start: u64) -> Result<()> {
-        let data = serde_json::to_vec(&LedgerMetaFile {
-            start_offset: start,
-        })
-        .map_err(|e| BrokerError::Metadata {
-            path: self.ledger.dir.join(LEDGER_META_FILE),
-            reason: e.to_string(),
-        })?;
-        write_atomic(&self.ledger.dir.join(LEDGER_META_FILE), &data)
+        write_meta(
+            &self.ledger.dir,
+            &LedgerMetaFile {
+                start_offset: start,
+                incarnation: self.ledger.incarnation,
+            },
+        )
     }
 
     fn trim(&mut self, before: u64) -> Result<u64> {
