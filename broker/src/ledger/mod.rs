@@ -1353,6 +1353,15 @@ struct Writer {
     /// `kept_run`: its position in the active segment and its bytes.
     keep_run: bool,
     kept_run: Option<(u64, Bytes)>,
+    /// Every entry below this offset is in segment data an fdatasync (or
+    /// a sealing sync) has made durable.
+    synced_to: u64,
+    /// The end of the last run written outside the journal. A run may be
+    /// journaled only when everything written before it outside the
+    /// journal is durable (`synced_to >= unjournaled_to`): the journal
+    /// replays its own runs, and an acknowledged run replayed after a hole
+    /// of lost bytes would be cut off by recovery with the hole.
+    unjournaled_to: u64,
 }
 
 impl Writer {
@@ -1383,6 +1392,10 @@ impl Writer {
             buf: Vec::new(),
             keep_run: false,
             kept_run: None,
+            // What recovery found may be in the page cache only (after a
+            // process crash): not durable until the first segment sync.
+            synced_to: 0,
+            unjournaled_to: active.end(),
             active,
             ledger,
             policy,
@@ -1445,7 +1458,9 @@ impl Writer {
                     // `always` fdatasyncs inside the write: never inline.
                     let inline = self.policy.fsync != FsyncPolicy::Always;
                     let journal = match (&self.ledger.options.journal, &self.ledger.journal_key) {
-                        (Some(j), Some(_)) if group => Some(j.clone()),
+                        (Some(j), Some(_)) if group && self.synced_to >= self.unjournaled_to => {
+                            Some(j.clone())
+                        }
                         _ => None,
                     };
                     let results = if inline && self.fits_inline(&entries) {
@@ -1624,6 +1639,7 @@ impl Writer {
                 if end == self.next_offset {
                     self.dirty = false;
                 }
+                self.synced_to = self.synced_to.max(end);
                 self.ledger.durable_tx.send_if_modified(|d| {
                     let moved = end > *d;
                     *d = (*d).max(end);
@@ -1722,6 +1738,7 @@ impl Writer {
             metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
             self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.dirty = false;
+            self.synced_to = self.next_offset;
             if let Some(upto) = self.drop_below() {
                 self.active.drop_cached_below(upto);
             }
@@ -1785,6 +1802,8 @@ impl Writer {
         self.last_index_pos = None;
         self.opened_at = Instant::now();
         self.dirty = false;
+        // The sealed segment was synced whole, with everything before it.
+        self.synced_to = self.next_offset;
         Ok(())
     }
 
@@ -1950,6 +1969,9 @@ impl Writer {
             self.ledger.end_tx.send_replace(next);
             metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
             metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
+            if !self.keep_run {
+                self.unjournaled_to = next;
+            }
             if self.policy.fsync != FsyncPolicy::Always {
                 // `group`: the run loop's fdatasync covers it (SyncPipe).
                 self.dirty = true;
@@ -1977,6 +1999,7 @@ impl Writer {
             if let Some(upto) = self.drop_below() {
                 self.active.drop_cached_below(upto);
             }
+            self.synced_to = next;
             self.ledger.durable_tx.send_replace(next);
         }
         results

@@ -536,8 +536,24 @@ struct Broker {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT] [--rate R]");
+    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT] [--rate R] [--repeat N]");
     std::process::exit(2)
+}
+
+/// Each number's median over the repetitions (separately: the run with the
+/// median p99 need not be the one with the median rate).
+fn median(v: &[LoadResult]) -> LoadResult {
+    let pick = |f: fn(&LoadResult) -> f64| {
+        let mut xs: Vec<f64> = v.iter().map(f).collect();
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    LoadResult {
+        msgs_per_s: pick(|r| r.msgs_per_s),
+        p50_ms: pick(|r| r.p50_ms),
+        p99_ms: pick(|r| r.p99_ms),
+        cpu_us: pick(|r| r.cpu_us),
+    }
 }
 
 #[tokio::main]
@@ -547,6 +563,7 @@ async fn main() {
         (None, 5.0, 64usize, 32u64, 10_000usize);
     let mut only: Option<String> = None;
     let mut rate = 20_000.0;
+    let mut repeat = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_else(|| usage());
@@ -568,14 +585,16 @@ async fn main() {
             "--conns" => conns = v().parse().unwrap_or_else(|_| usage()),
             "--only" => only = Some(v()),
             "--rate" => rate = v().parse().unwrap_or_else(|_| usage()),
+            "--repeat" => repeat = v().parse::<usize>().unwrap_or_else(|_| usage()).max(1),
             _ => usage(),
         }
     }
     if brokers.is_empty() {
         usage();
     }
-    // results[(row, broker)] = (msgs/s, p50, p99)
-    let mut results: HashMap<(String, String), LoadResult> = HashMap::new();
+    // runs[(row, broker)]: one result per repetition; the table shows
+    // their medians.
+    let mut runs: HashMap<(String, String), Vec<LoadResult>> = HashMap::new();
     let mut idle_res: HashMap<String, (f64, usize)> = HashMap::new();
     let mut rows = Vec::new();
     for shape in SHAPES {
@@ -594,55 +613,63 @@ async fn main() {
         }
     }
     rows.retain(|r| only.as_ref().is_none_or(|o| r.0.contains(o.as_str())));
-    for b in &brokers {
-        for (row, shape, qos, rate) in &rows {
-            let r = match tokio::time::timeout(
-                Duration::from_secs_f64(secs + 20.0),
-                load(b.port, b.pid, *shape, *qos, secs, size, window, *rate),
-            )
-            .await
-            {
-                Ok(Ok(r)) => r,
-                Ok(Err(e)) => {
-                    eprintln!("{} {row}: {e}", b.name);
-                    LoadResult {
-                        msgs_per_s: 0.0,
-                        p50_ms: f64::NAN,
-                        p99_ms: f64::NAN,
-                        cpu_us: f64::NAN,
+    // Repetitions go round the brokers (a, b, c, a, b, c, ...) so that a
+    // noisy stretch of the shared machine falls on all of them.
+    for rep in 0..repeat {
+        for b in &brokers {
+            for (row, shape, qos, rate) in &rows {
+                let r = match tokio::time::timeout(
+                    Duration::from_secs_f64(secs + 20.0),
+                    load(b.port, b.pid, *shape, *qos, secs, size, window, *rate),
+                )
+                .await
+                {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
+                        eprintln!("{} {row}: {e}", b.name);
+                        LoadResult {
+                            msgs_per_s: 0.0,
+                            p50_ms: f64::NAN,
+                            p99_ms: f64::NAN,
+                            cpu_us: f64::NAN,
+                        }
                     }
-                }
-                Err(_) => {
-                    eprintln!("{} {row}: timed out", b.name);
-                    LoadResult {
-                        msgs_per_s: 0.0,
-                        p50_ms: f64::NAN,
-                        p99_ms: f64::NAN,
-                        cpu_us: f64::NAN,
+                    Err(_) => {
+                        eprintln!("{} {row}: timed out", b.name);
+                        LoadResult {
+                            msgs_per_s: 0.0,
+                            p50_ms: f64::NAN,
+                            p99_ms: f64::NAN,
+                            cpu_us: f64::NAN,
+                        }
                     }
-                }
-            };
-            eprintln!(
+                };
+                eprintln!(
                 "{:<24} {:<20} {:>10.0} msg/s  p50 {:>7.2} ms  p99 {:>7.2} ms  cpu {:>6.2} us/msg",
                 b.name, row, r.msgs_per_s, r.p50_ms, r.p99_ms, r.cpu_us
             );
-            results.insert((row.clone(), b.name.clone()), r);
-        }
-        if conns > 0 {
-            match idle(b.port, b.pid, conns).await {
-                Ok(x) => {
-                    eprintln!(
-                        "{:<24} idle: {:.0} B/connection over {} connections",
-                        b.name, x.0, x.1
-                    );
-                    idle_res.insert(b.name.clone(), x);
-                }
-                Err(e) => eprintln!("{} idle: {e}", b.name),
+                runs.entry((row.clone(), b.name.clone()))
+                    .or_default()
+                    .push(r);
             }
-            // Let the broker notice the closed connections.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            if conns > 0 && rep == 0 {
+                match idle(b.port, b.pid, conns).await {
+                    Ok(x) => {
+                        eprintln!(
+                            "{:<24} idle: {:.0} B/connection over {} connections",
+                            b.name, x.0, x.1
+                        );
+                        idle_res.insert(b.name.clone(), x);
+                    }
+                    Err(e) => eprintln!("{} idle: {e}", b.name),
+                }
+                // Let the broker notice the closed connections.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
         }
     }
+    let results: HashMap<(String, String), LoadResult> =
+        runs.into_iter().map(|(k, v)| (k, median(&v))).collect();
     // ---- table ----
     let base = baseline.unwrap_or_else(|| brokers[0].name.clone());
     let mut t = String::new();
