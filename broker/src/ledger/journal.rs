@@ -332,8 +332,9 @@ struct Active {
     zeroed: u64,
     /// Zeros being written ahead in the background, up to the end it returns.
     zeroing: Option<JoinHandle<std::io::Result<u64>>>,
-    /// The segments this file's records went to (by address).
-    touched: HashMap<usize, Arc<Segment>>,
+    /// The segments this file's records went to (by address), with their
+    /// ledger's drop-behind distance.
+    touched: HashMap<usize, (Arc<Segment>, u64)>,
 }
 
 impl Active {
@@ -408,11 +409,17 @@ impl Active {
         std::thread::spawn(move || {
             let _ = self.join_zeros();
             let t0 = Instant::now();
-            for seg in self.touched.values() {
+            for (seg, keep) in self.touched.values() {
+                let size = seg.visible_size.load(std::sync::atomic::Ordering::Acquire);
                 if let Err(e) = seg.file.sync_data() {
                     tracing::error!(journal = %self.path.display(), segment = %seg.path.display(),
                         error = %e, "checkpoint fdatasync failed; the journal file is kept for recovery");
                     return;
+                }
+                // Durable now: its pages may go, as after a segment's own
+                // fdatasync (journaled runs get none).
+                if *keep > 0 {
+                    seg.drop_cached_below(size.saturating_sub(*keep));
                 }
             }
             if let Err(e) = fs::remove_file(&self.path)
@@ -544,7 +551,7 @@ impl Committer {
             self.active
                 .touched
                 .entry(at)
-                .or_insert_with(|| r.seg.clone());
+                .or_insert_with(|| (r.seg.clone(), r.ledger.options.drop_behind_bytes));
         }
         let limit = self.options.file_bytes.max(end);
         self.active.zero_ahead(self.step, limit);
