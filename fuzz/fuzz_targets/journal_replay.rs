@@ -8,8 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::ledger::journal::{encode, parse, StoredRecord};
-use broker::{AppendEntry, EntryFormat, Journal, JournalOptions, Ledger, LedgerOptions};
+use broker::{Journal, JournalOptions, Ledger, LedgerOptions};
 use libfuzzer_sys::fuzz_target;
+
+mod recovered;
 
 const JOURNAL: &str = "journal/00000000000000000001.jnl";
 
@@ -79,28 +81,7 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let j = Journal::open(root.path(), options()).unwrap();
         let l = open(&j);
-        let end = l.end_offset();
-        let mut at = 0;
-        while at < end {
-            let es = l.read(at, 1 << 20).await.unwrap();
-            assert!(!es.is_empty());
-            for e in es {
-                assert_eq!(e.base_offset, at);
-                at = e.end_offset();
-            }
-        }
-        let a = l
-            .append(AppendEntry {
-                format: EntryFormat::Messages,
-                count: 1,
-                first_timestamp: 0,
-                max_timestamp: 0,
-                payload: bytes::Bytes::from_static(b"x"),
-            })
-            .await
-            .unwrap();
-        assert_eq!(a.base_offset, end);
-        l.close().await;
+        recovered::reads_back_and_appends(&l).await;
         j.shutdown();
     });
 });

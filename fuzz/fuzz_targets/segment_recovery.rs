@@ -5,8 +5,10 @@
 
 use std::sync::Arc;
 
-use broker::{AppendEntry, EntryFormat, Ledger, LedgerOptions, NamespacePolicy};
+use broker::{Ledger, LedgerOptions, NamespacePolicy};
 use libfuzzer_sys::fuzz_target;
+
+mod recovered;
 
 fuzz_target!(|data: &[u8]| {
     let dir = tempfile::tempdir().unwrap();
@@ -21,27 +23,6 @@ fuzz_target!(|data: &[u8]| {
             Arc::new(tokio::sync::Semaphore::new(1 << 16)),
         )
         .unwrap();
-        let end = l.end_offset();
-        let mut at = 0;
-        while at < end {
-            let es = l.read(at, 1 << 20).await.unwrap();
-            assert!(!es.is_empty());
-            for e in es {
-                assert_eq!(e.base_offset, at);
-                at = e.end_offset();
-            }
-        }
-        let a = l
-            .append(AppendEntry {
-                format: EntryFormat::Messages,
-                count: 1,
-                first_timestamp: 0,
-                max_timestamp: 0,
-                payload: bytes::Bytes::from_static(b"x"),
-            })
-            .await
-            .unwrap();
-        assert_eq!(a.base_offset, end);
-        l.close().await;
+        recovered::reads_back_and_appends(&l).await;
     });
 });
