@@ -174,7 +174,8 @@ pub struct Broker {
 
 impl Broker {
     /// Opens the broker on `config.data_dir`: loads the metadata (creating
-    /// `public/default` on first start), opens and recovers every ledger,
+    /// `public/default` on first start), replays the journal, opens and
+    /// recovers every ledger,
     /// and starts the retention and cursor-flush tasks.
     ///
     /// # Errors
@@ -205,7 +206,8 @@ impl Broker {
         }
         let units = (config.memory_budget_bytes / 1024).clamp(1, u64::from(u32::MAX >> 3)) as u32;
         // Replayed before any ledger opens: its records restore what the
-        // segments lost.
+        // segments lost (also when the journal is off now: the last run
+        // may have crashed with it on).
         let journal = if config.journal {
             let (root, options) = (
                 dir.clone(),
@@ -220,6 +222,10 @@ impl Broker {
                     .map_err(|_| BrokerError::Closed)??,
             )
         } else {
+            let root = dir.clone();
+            tokio::task::spawn_blocking(move || Journal::recover(&root))
+                .await
+                .map_err(|_| BrokerError::Closed)??;
             None
         };
         let (shutdown, _) = watch::channel(false);

@@ -202,3 +202,37 @@ fn full_journal_files_are_checkpointed_and_deleted() {
         l.close().await;
     });
 }
+
+#[test]
+fn a_broker_without_the_journal_now_still_replays_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ledgers/t/0");
+    let n = 100;
+    let (first_end, _) = append_and_crash(root.path(), &dir, n, 64 << 20);
+    let seg = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment0(&dir))
+        .unwrap();
+    seg.set_len(first_end).unwrap();
+    drop(seg);
+
+    Journal::recover(root.path()).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let l = open_with(&dir, policy(64 << 20), LedgerOptions::default());
+        assert_eq!(
+            l.end_offset(),
+            u64::from(n),
+            "every acknowledged append is back"
+        );
+        let all = read_all(&l).await;
+        for (i, (_, p)) in all.iter().enumerate() {
+            assert_eq!(p, &payload(i as u32), "entry {i} intact");
+        }
+        l.close().await;
+    });
+    let left = std::fs::read_dir(root.path().join("journal"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "replayed journal files are deleted");
+}

@@ -570,7 +570,37 @@ fn fail_records(records: Vec<Record>, why: &str) {
     }
 }
 
+fn replay_logged(root: &Path, dir: &Path) -> Result<Replayed> {
+    let t0 = Instant::now();
+    let done = replay(root, dir)?;
+    if done.files > 0 {
+        tracing::info!(
+            files = done.files,
+            applied = done.applied,
+            skipped = done.skipped,
+            ms = t0.elapsed().as_millis() as u64,
+            "journal replayed"
+        );
+    }
+    Ok(done)
+}
+
 impl Journal {
+    /// Replays (and deletes) what an earlier run left in the journal of
+    /// `root` without starting one: for a broker that runs without the
+    /// journal now but may have crashed with it. Blocking; call it before
+    /// opening any ledger under `root`.
+    ///
+    /// # Errors
+    /// As [`Journal::open`].
+    pub fn recover(root: &Path) -> Result<()> {
+        let dir = root.join(DIR);
+        if dir.is_dir() {
+            replay_logged(root, &dir)?;
+        }
+        Ok(())
+    }
+
     /// Opens the journal of the data directory `root` (in `root/journal`):
     /// replays what an earlier run left there into the segments (see the
     /// module documentation) and starts the journal thread. Blocking; call
@@ -581,17 +611,7 @@ impl Journal {
     pub fn open(root: &Path, options: JournalOptions) -> Result<Arc<Journal>> {
         let dir = root.join(DIR);
         fs::create_dir_all(&dir).map_err(|e| BrokerError::io(&dir, e))?;
-        let t0 = Instant::now();
-        let done = replay(root, &dir)?;
-        if done.files > 0 {
-            tracing::info!(
-                files = done.files,
-                applied = done.applied,
-                skipped = done.skipped,
-                ms = t0.elapsed().as_millis() as u64,
-                "journal replayed"
-            );
-        }
+        let done = replay_logged(root, &dir)?;
         let step = segment::ZERO_AHEAD.min(options.file_bytes).max(4096);
         let active = Active::create(&dir, done.next_seq, step)?;
         let shared = Arc::new(Shared::default());

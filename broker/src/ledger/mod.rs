@@ -10,7 +10,9 @@
 //! thread). Under [`FsyncPolicy::Group`] writing and syncing are
 //! decoupled: one `fdatasync` at a time runs on a blocking thread and
 //! completes every append written before it started, while the writer goes
-//! on writing what arrives meanwhile (acknowledged by the next one).
+//! on writing what arrives meanwhile (acknowledged by the next one). With
+//! the broker's [`journal`], small runs are made durable by it instead
+//! (one fdatasync for the small runs of all ledgers).
 //! Readers never take the writer's path: they
 //! look up a segment under a short read lock and read with positional I/O,
 //! seeing what the writer has published.
