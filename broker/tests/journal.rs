@@ -70,6 +70,33 @@ fn append_and_crash(root: &Path, dir: &Path, n: u32, file_bytes: u64) -> (u64, u
     (first_end, fsyncs)
 }
 
+/// What the machine loses with its page cache: the segment keeps only
+/// its first `keep` bytes (the first entry, synced by the segment itself
+/// before the zeros ahead existed).
+fn lose_unsynced_pages(dir: &Path, keep: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment0(dir))
+        .unwrap()
+        .set_len(keep)
+        .unwrap();
+}
+
+/// The ledger holds exactly the `n` entries `append_and_crash` wrote.
+async fn assert_holds_all(l: &Arc<Ledger>, n: u32) {
+    assert_eq!(
+        l.end_offset(),
+        u64::from(n),
+        "every acknowledged append is back"
+    );
+    let all = read_all(l).await;
+    assert_eq!(all.len(), n as usize);
+    for (i, (o, p)) in all.iter().enumerate() {
+        assert_eq!(*o, i as u64);
+        assert_eq!(p, &payload(i as u32), "entry {i} intact");
+    }
+}
+
 async fn read_all(l: &Arc<Ledger>) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
     let mut at = 0;
@@ -93,29 +120,14 @@ fn replay_restores_acknowledged_appends_the_segment_lost() {
         fsyncs < u64::from(n) / 4,
         "{fsyncs} segment fdatasyncs for {n} appends: the journal was not used"
     );
-    // The machine lost the segment's unsynced pages: only the first entry
-    // (synced by the segment itself, before the zeros ahead existed) is left.
-    let seg = std::fs::OpenOptions::new()
-        .write(true)
-        .open(segment0(&dir))
-        .unwrap();
-    seg.set_len(first_end).unwrap();
-    drop(seg);
+    // The machine lost the segment's unsynced pages.
+    lose_unsynced_pages(&dir, first_end);
 
     let j = journal(root.path(), 64 << 20);
     let rt = runtime();
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), options(&j));
-        assert_eq!(
-            l.end_offset(),
-            u64::from(n),
-            "every acknowledged append is back"
-        );
-        let all = read_all(&l).await;
-        for (i, (o, p)) in all.iter().enumerate() {
-            assert_eq!(*o, i as u64);
-            assert_eq!(p, &payload(i as u32), "entry {i} intact");
-        }
+        assert_holds_all(&l, n).await;
         // And the ledger goes on from there.
         let a = l.append(entry("after", 1, 0)).await.unwrap();
         assert_eq!(a.base_offset, u64::from(n));
@@ -194,11 +206,7 @@ fn full_journal_files_are_checkpointed_and_deleted() {
     let rt = runtime();
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), options(&j));
-        let all = read_all(&l).await;
-        assert_eq!(all.len(), n as usize);
-        for (i, (_, p)) in all.iter().enumerate() {
-            assert_eq!(p, &payload(i as u32));
-        }
+        assert_holds_all(&l, n).await;
         l.close().await;
     });
 }
@@ -209,26 +217,13 @@ fn a_broker_without_the_journal_now_still_replays_it() {
     let dir = root.path().join("ledgers/t/0");
     let n = 100;
     let (first_end, _) = append_and_crash(root.path(), &dir, n, 64 << 20);
-    let seg = std::fs::OpenOptions::new()
-        .write(true)
-        .open(segment0(&dir))
-        .unwrap();
-    seg.set_len(first_end).unwrap();
-    drop(seg);
+    lose_unsynced_pages(&dir, first_end);
 
     Journal::recover(root.path()).unwrap();
     let rt = runtime();
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), LedgerOptions::default());
-        assert_eq!(
-            l.end_offset(),
-            u64::from(n),
-            "every acknowledged append is back"
-        );
-        let all = read_all(&l).await;
-        for (i, (_, p)) in all.iter().enumerate() {
-            assert_eq!(p, &payload(i as u32), "entry {i} intact");
-        }
+        assert_holds_all(&l, n).await;
         l.close().await;
     });
     let left = std::fs::read_dir(root.path().join("journal"))
