@@ -51,8 +51,9 @@ pub struct BrokerConfig {
     /// journal shared by all partitions (one fdatasync per round for all
     /// of them) instead of an fdatasync of each partition's segment.
     pub journal: bool,
-    /// Longest a journaled append waits for others to share its round's
-    /// fdatasync, in microseconds.
+    /// Least time from the end of one journal round to the start of the
+    /// next (what arrives meanwhile shares its fdatasync), and so the
+    /// longest a journaled append waits for its round, in microseconds.
     pub journal_group_wait_us: u64,
     /// Size at which a journal file is checkpointed (its partitions'
     /// segments fdatasynced) and deleted.

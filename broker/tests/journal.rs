@@ -231,3 +231,56 @@ fn a_broker_without_the_journal_now_still_replays_it() {
         .count();
     assert_eq!(left, 0, "replayed journal files are deleted");
 }
+
+/// Rounds are spaced by `group_wait` from the end of the previous one: an
+/// append that finds the journal idle for longer is made durable at once,
+/// and one that comes right after a round waits for the next.
+#[test]
+fn rounds_are_spaced_from_the_previous_round_not_held_after_a_quiet_spell() {
+    let wait = Duration::from_millis(1500);
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ledgers/t/0");
+    let j = Journal::open(
+        root.path(),
+        JournalOptions {
+            group_wait: wait,
+            file_bytes: 64 << 20,
+        },
+    )
+    .unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let l = open_with(&dir, policy(64 << 20), options(&j));
+        // The first append syncs its segment; the second is journaled.
+        for i in 0..2 {
+            l.append(entry(payload(i), 1, 0)).await.unwrap();
+        }
+        let segment_syncs = l.stats().fsyncs;
+        tokio::time::sleep(wait + Duration::from_millis(100)).await;
+
+        let t0 = std::time::Instant::now();
+        l.append(entry(payload(2), 1, 0)).await.unwrap();
+        let after_quiet = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        l.append(entry(payload(3), 1, 0)).await.unwrap();
+        let right_after = t1.elapsed();
+
+        assert!(
+            after_quiet < wait * 2 / 3,
+            "an append after a quiet spell took {after_quiet:?} (group_wait {wait:?})"
+        );
+        assert!(
+            right_after >= wait * 4 / 5,
+            "an append right after a round took {right_after:?}, less than group_wait {wait:?}"
+        );
+        assert_eq!(
+            l.stats().fsyncs,
+            segment_syncs,
+            "both went through the journal"
+        );
+        assert_holds_all(&l, 4).await;
+        l.close().await;
+    });
+    drop(rt);
+    j.shutdown();
+}

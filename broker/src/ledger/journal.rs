@@ -16,8 +16,10 @@
 //! [`Record`]: its ledger's key (the ledger directory under the data root)
 //! and incarnation, the segment, the run's position in it, its bytes, and
 //! the appends it completes. The journal thread takes everything queued
-//! (waiting up to [`JournalOptions::group_wait`] after the oldest record,
-//! so that a round covers more), writes it with one `write` at the end of
+//! (a round starts no earlier than [`JournalOptions::group_wait`] after
+//! the previous round ended, so that it covers more; a record that finds
+//! the journal idle for longer starts one at once), writes it with one
+//! `write` at the end of
 //! the current journal file, fdatasyncs that file, advances each record's
 //! ledger's durable end and completes its appends. Larger runs (Kafka
 //! batches) keep the ledger's own fdatasync, so they are not written twice.
@@ -72,8 +74,10 @@ const EXT: &str = "jnl";
 /// Settings of the journal.
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
-    /// Longest a record waits for others to share its round's fdatasync
-    /// (zero: a round starts as soon as the previous one ends).
+    /// Least time between the end of one round and the start of the
+    /// next, so that records arriving meanwhile share one fdatasync; also
+    /// the longest any record waits for a round to start (zero: a round
+    /// starts as soon as the previous one ends).
     pub group_wait: Duration,
     /// A journal file is checkpointed and a new one started beyond this.
     pub file_bytes: u64,
@@ -103,7 +107,6 @@ pub(crate) struct Record {
 struct Queue {
     records: Vec<Record>,
     bytes: usize,
-    oldest: Option<Instant>,
     /// The journal thread waits for a first record: a submit wakes it.
     idle: bool,
     shutdown: bool,
@@ -445,6 +448,13 @@ struct Committer {
 
 impl Committer {
     fn run(mut self, shared: &Shared) {
+        // Rounds are spaced from the end of the previous one rather than
+        // from their first record: under a steady stream of records the
+        // thread sleeps once per round (then syncs) instead of waiting
+        // for a first record and then again for the rest, and a record
+        // that comes after a quiet spell is not held back at all. No
+        // record waits longer than `group_wait` either way.
+        let mut last_end = Instant::now();
         loop {
             let batch = {
                 let mut q = shared.lock();
@@ -459,22 +469,19 @@ impl Committer {
                     q = shared.cv.wait(q).unwrap_or_else(|e| e.into_inner());
                 }
                 q.idle = false;
-                if let Some(oldest) = q.oldest {
-                    let deadline = oldest + self.options.group_wait;
-                    loop {
-                        let now = Instant::now();
-                        if now >= deadline || q.bytes >= ROUND_BYTES || q.shutdown {
-                            break;
-                        }
-                        q = shared
-                            .cv
-                            .wait_timeout(q, deadline - now)
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
+                let deadline = last_end + self.options.group_wait;
+                loop {
+                    let now = Instant::now();
+                    if now >= deadline || q.bytes >= ROUND_BYTES || q.shutdown {
+                        break;
                     }
+                    q = shared
+                        .cv
+                        .wait_timeout(q, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
                 q.bytes = 0;
-                q.oldest = None;
                 std::mem::take(&mut q.records)
             };
             if let Err(e) = self.commit(&batch) {
@@ -504,6 +511,7 @@ impl Committer {
                     let _ = reply.send(Ok(a));
                 }
             }
+            last_end = Instant::now();
         }
     }
 
@@ -658,7 +666,6 @@ impl Journal {
         }
         let before = q.bytes;
         q.bytes += record.data.len();
-        q.oldest.get_or_insert_with(Instant::now);
         q.records.push(record);
         if q.idle || (before < ROUND_BYTES && q.bytes >= ROUND_BYTES) {
             q.idle = false;
