@@ -22,8 +22,10 @@
 //!   `/proc/PID/stat`) over the measured seconds per delivered message;
 //! - three more QoS 1 runs at a fixed rate (`--rate` deliveries/s in all,
 //!   one every broker sustains; each publisher sends on a schedule, still
-//!   bounded by the window): latency at the same load, where the
-//!   closed-loop rows compare each broker at its own saturation;
+//!   bounded by the window, woken on time by a pacer thread, and a
+//!   message's latency counts from when it was due): latency at the same
+//!   load, where the closed-loop rows compare each broker at its own
+//!   saturation;
 //! - idle memory: `--conns` connections (CONNECT, clean session,
 //!   keep-alive 600 s, nothing else) and the broker's RSS
 //!   (`/proc/PID/status`) before and after, divided by the count.
@@ -34,7 +36,7 @@ use std::collections::HashMap;
 use std::io;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -221,6 +223,56 @@ struct Run {
     stop: AtomicBool,
     counted: AtomicU64,
     lat_us: Mutex<Vec<u32>>,
+    /// Fixed rate: when each publisher's next message is due (ns since
+    /// `base`; `NONE`: nothing due that the pacer should wake it for).
+    next_due: Vec<AtomicU64>,
+    /// When the pacer thread will wake next (0 while it is scanning).
+    pacer_at: AtomicU64,
+    pacer: OnceLock<std::thread::Thread>,
+}
+
+const NONE: u64 = u64::MAX;
+
+impl Run {
+    /// A publisher's next message is due at `t` (`NONE`: it waits for its
+    /// window instead); wakes the pacer if it would sleep past `t`.
+    fn due_at(&self, idx: usize, t: u64) {
+        self.next_due[idx].store(t, Ordering::SeqCst);
+        if t < self.pacer_at.load(Ordering::SeqCst) {
+            if let Some(th) = self.pacer.get() {
+                th.unpark();
+            }
+        }
+    }
+}
+
+/// Wakes each publisher when its next message is due. tokio's timers have
+/// a 1 ms resolution, so publishers that paced themselves with them sent
+/// late by up to 1 ms, all together at each tick; this thread sleeps
+/// with the OS's resolution (tens of microseconds) instead, so that the
+/// fixed-rate rows measure brokers and not the client's timer.
+fn pacer(run: Arc<Run>) {
+    while !run.stop.load(Ordering::Relaxed) {
+        run.pacer_at.store(0, Ordering::SeqCst);
+        let now = run.base.elapsed().as_nanos() as u64;
+        let mut next = now + 1_000_000;
+        for (i, d) in run.next_due.iter().enumerate() {
+            let t = d.load(Ordering::SeqCst);
+            if t <= now {
+                if d.compare_exchange(t, NONE, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    run.wake[i].notify_one();
+                }
+            } else {
+                next = next.min(t);
+            }
+        }
+        run.pacer_at.store(next, Ordering::SeqCst);
+        // A publisher that set an earlier due time since the scan has
+        // unparked this thread (it saw 0), so this returns at once.
+        std::thread::park_timeout(Duration::from_nanos(next - now));
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -321,9 +373,12 @@ async fn publisher(
     let due = |k: u64| start + (k as f64 * 1e9 / rate) as u64;
     while !run.stop.load(Ordering::Relaxed) {
         let delivered = run.delivered[idx].load(Ordering::Relaxed);
+        // Whether the next message waits for its time (not the window).
+        let mut early = false;
         while sent * fan - delivered.min(sent * fan) < window * fan && inflight < window {
             let now = run.base.elapsed().as_nanos() as u64;
             if rate > 0.0 && due(sent) > now {
+                early = true;
                 break;
             }
             let ts = if rate > 0.0 { due(sent) } else { now };
@@ -338,6 +393,11 @@ async fn publisher(
         if !out.is_empty() {
             wr.write_all(&out).await?;
             out.clear();
+        }
+        if rate > 0.0 {
+            // A publisher held by its window is woken by its acks and
+            // deliveries, not by the pacer.
+            run.due_at(idx, if early { due(sent) } else { NONE });
         }
         let pause = if rate > 0.0 {
             let now = run.base.elapsed().as_nanos() as u64;
@@ -403,6 +463,15 @@ async fn load(
         stop: AtomicBool::new(false),
         counted: AtomicU64::new(0),
         lat_us: Mutex::new(Vec::new()),
+        next_due: (0..shape.pubs).map(|_| AtomicU64::new(NONE)).collect(),
+        pacer_at: AtomicU64::new(0),
+        pacer: OnceLock::new(),
+    });
+    let pacer_thread = (rate > 0.0).then(|| {
+        let r = run.clone();
+        let h = std::thread::spawn(move || pacer(r));
+        let _ = run.pacer.set(h.thread().clone());
+        h
     });
     let tag = format!(
         "{}-{}",
@@ -453,6 +522,10 @@ async fn load(
     let cpu1 = cpu_ticks(pid);
     let elapsed = t0.elapsed().as_secs_f64();
     run.stop.store(true, Ordering::Relaxed);
+    if let Some(h) = pacer_thread {
+        h.thread().unpark();
+        let _ = h.join();
+    }
     for t in tasks {
         match tokio::time::timeout(Duration::from_secs(5), t).await {
             Ok(Ok(Err(e))) => eprintln!("publisher: {e}"),
