@@ -393,6 +393,40 @@ pub struct Ledger {
     incarnation: u64,
     /// The ledger's key in the journal, if it uses one.
     journal_key: Option<String>,
+    metrics: Metrics,
+}
+
+/// The ledger's metric handles, made once (a `counter!` on every read and
+/// write looked its key up in the registry each time).
+#[derive(Debug)]
+struct Metrics {
+    cache_reads: metrics::Counter,
+    reads: metrics::Counter,
+    disk_reads: metrics::Counter,
+    fsyncs: metrics::Counter,
+    fsync_micros: metrics::Counter,
+    write_micros: metrics::Counter,
+    appends: metrics::Counter,
+    append_bytes: metrics::Counter,
+    cache_full: metrics::Counter,
+    cache_bytes: metrics::Gauge,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        Metrics {
+            cache_reads: metrics::counter!("manifold_ledger_cache_reads_total"),
+            reads: metrics::counter!("manifold_ledger_reads_total"),
+            disk_reads: metrics::counter!("manifold_ledger_disk_reads_total"),
+            fsyncs: metrics::counter!("manifold_ledger_fsyncs_total"),
+            fsync_micros: metrics::counter!("manifold_ledger_fsync_micros_total"),
+            write_micros: metrics::counter!("manifold_ledger_write_micros_total"),
+            appends: metrics::counter!("manifold_ledger_appends_total"),
+            append_bytes: metrics::counter!("manifold_ledger_append_bytes_total"),
+            cache_full: metrics::counter!("manifold_ledger_cache_full_total"),
+            cache_bytes: metrics::gauge!("manifold_ledger_cache_bytes"),
+        }
+    }
 }
 
 /// Largest read tried on the calling (async) thread from the page cache
@@ -643,6 +677,7 @@ impl Ledger {
             tail,
             incarnation: meta.incarnation,
             journal_key: options_journal_key,
+            metrics: Metrics::new(),
         });
         let writer = Writer::new(ledger.clone(), policy)?;
         tokio::spawn(writer.run(rx));
@@ -783,7 +818,7 @@ impl Ledger {
             .read(from, end, max_bytes);
         if let Some(entries) = cached {
             if !entries.is_empty() {
-                metrics::counter!("manifold_ledger_cache_reads_total").increment(1);
+                self.metrics.cache_reads.increment(1);
                 return Ok(entries);
             }
         }
@@ -793,7 +828,7 @@ impl Ledger {
         if max_bytes <= INLINE_READ_MAX {
             match self.read_segments(from, end, max_bytes, ReadMode::CachedOnly) {
                 Ok(entries) => {
-                    metrics::counter!("manifold_ledger_reads_total").increment(1);
+                    self.metrics.reads.increment(1);
                     return Ok(entries);
                 }
                 Err(BrokerError::Io { source, .. })
@@ -807,8 +842,8 @@ impl Ledger {
         })
         .await
         .map_err(|_| BrokerError::Closed)??;
-        metrics::counter!("manifold_ledger_reads_total").increment(1);
-        metrics::counter!("manifold_ledger_disk_reads_total").increment(1);
+        self.metrics.reads.increment(1);
+        self.metrics.disk_reads.increment(1);
         Ok(entries)
     }
 
@@ -1605,7 +1640,7 @@ impl Writer {
             }
             return;
         }
-        metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+        self.ledger.metrics.fsyncs.increment(1);
         self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
         let seg = self.active.clone();
         let drop_below = self.drop_below();
@@ -1631,7 +1666,10 @@ impl Writer {
             return;
         };
         let (r, took) = r;
-        metrics::counter!("manifold_ledger_fsync_micros_total").increment(took.as_micros() as u64);
+        self.ledger
+            .metrics
+            .fsync_micros
+            .increment(took.as_micros() as u64);
         if took >= SLOW_WRITE {
             tracing::warn!(ledger = %self.ledger.name, ms = took.as_millis() as u64,
                 appends = group.len(), "slow group commit (fdatasync)");
@@ -1737,7 +1775,7 @@ impl Writer {
                 .file
                 .sync_data()
                 .map_err(|e| BrokerError::io(&self.active.path, e))?;
-            metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+            self.ledger.metrics.fsyncs.increment(1);
             self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.dirty = false;
             self.synced_to = self.next_offset;
@@ -1911,7 +1949,9 @@ impl Writer {
                 .zero_ahead(end)
                 .and_then(|()| self.active.file.write_all_at(&self.buf, start_size));
             let written = t0.elapsed();
-            metrics::counter!("manifold_ledger_write_micros_total")
+            self.ledger
+                .metrics
+                .write_micros
                 .increment(written.as_micros() as u64);
             if let Err(e) = write {
                 let err = BrokerError::io(&self.active.path, e);
@@ -1969,8 +2009,11 @@ impl Writer {
                 }
             }
             self.ledger.end_tx.send_replace(next);
-            metrics::counter!("manifold_ledger_appends_total").increment((i - run_start) as u64);
-            metrics::counter!("manifold_ledger_append_bytes_total").increment(run_bytes);
+            self.ledger
+                .metrics
+                .appends
+                .increment((i - run_start) as u64);
+            self.ledger.metrics.append_bytes.increment(run_bytes);
             if !self.keep_run {
                 self.unjournaled_to = next;
             }
@@ -1979,10 +2022,12 @@ impl Writer {
                 self.dirty = true;
                 continue;
             }
-            metrics::counter!("manifold_ledger_fsyncs_total").increment(1);
+            self.ledger.metrics.fsyncs.increment(1);
             self.ledger.fsyncs.fetch_add(1, Ordering::Relaxed);
             let synced = self.active.file.sync_data();
-            metrics::counter!("manifold_ledger_fsync_micros_total")
+            self.ledger
+                .metrics
+                .fsync_micros
                 .increment((t0.elapsed() - written).as_micros() as u64);
             let took = t0.elapsed();
             if took >= SLOW_WRITE {
@@ -2027,9 +2072,12 @@ impl Writer {
             cap,
         );
         if !cached {
-            metrics::counter!("manifold_ledger_cache_full_total").increment(1);
+            self.ledger.metrics.cache_full.increment(1);
         }
-        metrics::gauge!("manifold_ledger_cache_bytes").set(cache.budget.used() as f64);
+        self.ledger
+            .metrics
+            .cache_bytes
+            .set(cache.budget.used() as f64);
     }
 
     fn persist_start(&self, start: u64) -> Result<()> {

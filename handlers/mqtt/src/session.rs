@@ -28,7 +28,8 @@ use crate::codec::{
 };
 use crate::share::{pull_any, Group};
 use crate::state::{
-    expiry_deadline, qos_label, FeedKey, KnownTopic, Online, Session, Shared, StoredWill, SubRecord,
+    expiry_deadline, FeedKey, KnownTopic, LastLedger, Online, Session, Shared, StoredWill,
+    SubRecord,
 };
 
 type Io = Box<dyn AsyncStream>;
@@ -121,6 +122,8 @@ struct Conn {
     /// QoS 2 state), so that they go out only once that state survives a
     /// crash, and in order.
     held: Vec<(bool, Packet)>,
+    /// The ledger of the topic this connection published to last.
+    last_ledger: LastLedger,
 }
 
 /// A client's PUBLISH whose append is in flight.
@@ -454,6 +457,7 @@ async fn handshake(
         acks: VecDeque::new(),
         rel_acks: Vec::new(),
         held: Vec::new(),
+        last_ledger: None,
         shared: shared.clone(),
     });
     // Resuming the session cancels a will waiting for its delay.
@@ -911,7 +915,7 @@ impl Conn {
                 return Some(e);
             }
         }
-        match self.shared.submit_publish(&m).await {
+        match self.shared.submit_publish(&m, &mut self.last_ledger).await {
             Ok(append) => {
                 if p.qos == 2 {
                     self.session.qos2_in.insert(p.pkid);
@@ -1414,8 +1418,7 @@ impl Conn {
             a.apply(&mut publish);
         }
         codec::encode(&Packet::Publish(publish), self.v, &mut self.wbuf);
-        metrics::counter!("manifold_mqtt_messages_delivered_total", "qos" => qos_label(qos))
-            .increment(1);
+        self.shared.delivered[usize::from(qos.min(2))].increment(1);
         let f = Inflight {
             origin,
             cursor,

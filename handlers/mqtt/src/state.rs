@@ -238,7 +238,20 @@ pub(crate) struct Shared {
     /// `<group>/<filter>`.
     pub(crate) groups: Mutex<HashMap<String, Arc<crate::share::Group>>>,
     pub(crate) conn_ids: AtomicU64,
+    /// Messages published and delivered, by QoS (handles made once: a
+    /// `counter!` per message looks its key up in the registry).
+    published: [metrics::Counter; 3],
+    pub(crate) delivered: [metrics::Counter; 3],
 }
+
+/// One counter per QoS.
+fn per_qos(name: &'static str) -> [metrics::Counter; 3] {
+    [0, 1, 2].map(|q| metrics::counter!(name, "qos" => qos_label(q)))
+}
+
+/// The topic a connection published to last and its ledger: a connection
+/// that keeps publishing to one topic skips the name mapping and lookups.
+pub(crate) type LastLedger = Option<(String, Arc<Ledger>)>;
 
 const RETAINED_TOPIC: &str = "retained";
 const SESSIONS_TOPIC: &str = "sessions";
@@ -303,6 +316,8 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
             conn_ids: AtomicU64::new(1),
+            published: per_qos("manifold_mqtt_messages_published_total"),
+            delivered: per_qos("manifold_mqtt_messages_delivered_total"),
         });
         shared.load_retained().await?;
         for (client_id, will, at_ms, ended) in shared.load_sessions() {
@@ -401,17 +416,38 @@ impl Shared {
     /// returns once it is queued on its topic's ledger, in order after
     /// what this caller queued before, with the append to await for
     /// durability.
+    ///
+    /// `last` is the caller's [`LastLedger`]: used when `p` goes to the
+    /// same topic, looked up again if that ledger was closed meanwhile (the
+    /// topic deleted), and set to this publish's topic.
     pub(crate) async fn submit_publish(
         &self,
         p: &MqttPublish,
+        last: &mut LastLedger,
     ) -> Result<broker::PendingAppend, BrokerError> {
         debug_assert!(!p.retain);
         let now = now_ms();
         let msg = map::publish_to_message(p, now);
-        let ledger = self.publish_ledger(&p.topic).await?;
-        let pending = ledger.submit(single_entry(&msg, now)).await?;
-        metrics::counter!("manifold_mqtt_messages_published_total", "qos" => qos_label(p.qos))
-            .increment(1);
+        let entry = single_entry(&msg, now);
+        let cached = last.as_ref().filter(|(t, _)| *t == p.topic);
+        let pending = match cached {
+            Some((_, l)) => match l.submit(entry.clone()).await {
+                Err(BrokerError::Closed) => None,
+                r => Some(r?),
+            },
+            None => None,
+        };
+        let pending = match pending {
+            Some(p) => p,
+            None => {
+                *last = None;
+                let ledger = self.publish_ledger(&p.topic).await?;
+                let pending = ledger.submit(entry).await?;
+                *last = Some((p.topic.clone(), ledger));
+                pending
+            }
+        };
+        self.published[usize::from(p.qos.min(2))].increment(1);
         Ok(pending)
     }
 
@@ -436,8 +472,7 @@ impl Shared {
         let msg = map::publish_to_message(p, now);
         let ledger = self.publish_ledger(&p.topic).await?;
         append(&ledger, &msg, now).await?;
-        metrics::counter!("manifold_mqtt_messages_published_total", "qos" => qos_label(p.qos))
-            .increment(1);
+        self.published[usize::from(p.qos.min(2))].increment(1);
         if p.retain {
             self.set_retained(&p.topic, msg).await?;
         }
