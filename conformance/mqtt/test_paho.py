@@ -585,3 +585,31 @@ def test_pipelined_publishes_are_acked_in_order_and_stored_in_order(gw, uniq):
     assert [m.payload for m in msgs] == [f"p{i}".encode() for i in range(1, n + 1)]
     sub.nothing()  # the resent QoS 2 PUBLISH is not stored twice
     r.close(); sub.close()
+
+
+@pytest.mark.parametrize("name,ver", VERS)
+def test_publishing_goes_on_after_the_topic_is_deleted(gw, uniq, name, ver):
+    """A connection publishes to a topic, the topic is deleted through the
+    admin API, and the same connection publishes to it again: the publish
+    is acknowledged and stored in the topic created anew (the gateway keeps
+    the ledger of the last topic a connection published to, and must not
+    hold on to the deleted one)."""
+    port = gw.port("mqtt")
+    path = f"/admin/v1/topics/public/default/{uniq}.d"
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    pub.pub(f"{uniq}/d", b"before", qos=1)
+    status, body = gw.admin("GET", path + "/stats")
+    assert status == 200 and b'"end_offset":1' in body, body
+    status, body = gw.admin("DELETE", path)
+    assert status in (200, 204), body
+    assert gw.admin("GET", path + "/stats")[0] == 404
+    for i in range(3):
+        pub.pub(f"{uniq}/d", f"after-{i}".encode(), qos=1)
+    status, body = gw.admin("GET", path + "/stats")
+    assert status == 200 and b'"end_offset":3' in body, body
+    # A subscriber of the new topic gets what is published from now on.
+    sub = Client(port, f"{uniq}-s", ver).connect()
+    sub.sub(f"{uniq}/d", qos=1)
+    pub.pub(f"{uniq}/d", b"later", qos=1)
+    assert sub.get().payload == b"later"
+    sub.close(); pub.close()

@@ -452,7 +452,8 @@ impl Shared {
     }
 
     /// The ledger an MQTT topic is published to, creating the topic on
-    /// first use.
+    /// first use, and again if it was deleted (admin API, another
+    /// protocol) since.
     async fn publish_ledger(&self, topic: &str) -> Result<Arc<broker::Ledger>, BrokerError> {
         let name = map::broker_topic(&self.ns, topic)?;
         let known = self
@@ -460,10 +461,14 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains_key(&name.topic);
-        if !known {
-            let meta = self.broker.ensure_topic(&name).await?;
-            self.add_topic(name.clone(), topic.into(), meta.partitions);
+        if known {
+            match self.broker.ledger(&name, 0) {
+                Err(BrokerError::TopicNotFound(_)) => {}
+                r => return r,
+            }
         }
+        let meta = self.broker.ensure_topic(&name).await?;
+        self.add_topic(name.clone(), topic.into(), meta.partitions);
         self.broker.ledger(&name, 0)
     }
 
