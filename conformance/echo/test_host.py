@@ -180,3 +180,27 @@ def test_two_handlers_on_one_address_fail_at_start(tmp_path):
     assert r.returncode != 0
     assert "both want" in r.stderr
     gw.cleanup()
+
+
+def _environ(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def test_the_gateway_deepens_the_malloc_cache_once_and_keeps_its_pid(gateway_factory):
+    """On glibc the gateway re-executes itself before starting, with a deeper
+    per-thread cache of freed blocks (gateway/src/main.rs says why); the
+    process it became is the one that was started, and it serves."""
+    gw = gateway_factory(["echo"])
+    assert b"GLIBC_TUNABLES=glibc.malloc.tcache_count=256" in _environ(gw.proc.pid)
+    c = Line(gw.port("echo"))
+    assert c.cmd("PUB cache ok") == "OK 0"
+    c.close()
+
+
+def test_a_malloc_cache_setting_of_the_user_is_left_alone(gateway_factory, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=7")
+    gw = gateway_factory(["echo"])
+    env = _environ(gw.proc.pid)
+    assert b"GLIBC_TUNABLES=glibc.malloc.tcache_count=7" in env
+    assert not any(e.startswith(b"GLIBC_TUNABLES=") and b"=256" in e for e in env)
