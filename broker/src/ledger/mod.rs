@@ -397,7 +397,9 @@ pub struct Ledger {
 }
 
 /// The ledger's metric handles, made once (a `counter!` on every read and
-/// write looked its key up in the registry each time).
+/// write looked its key up in the registry each time). They belong to the
+/// recorder installed when the ledger opens: the gateway installs its
+/// recorder before it opens the broker.
 #[derive(Debug)]
 struct Metrics {
     cache_reads: metrics::Counter,

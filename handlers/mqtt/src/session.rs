@@ -28,7 +28,7 @@ use crate::codec::{
 };
 use crate::share::{pull_any, Group};
 use crate::state::{
-    expiry_deadline, FeedKey, KnownTopic, LastLedger, Online, Session, Shared, StoredWill,
+    expiry_deadline, of_qos, FeedKey, KnownTopic, LastLedger, Online, Session, Shared, StoredWill,
     SubRecord,
 };
 
@@ -1418,7 +1418,7 @@ impl Conn {
             a.apply(&mut publish);
         }
         codec::encode(&Packet::Publish(publish), self.v, &mut self.wbuf);
-        self.shared.delivered[usize::from(qos.min(2))].increment(1);
+        of_qos(&self.shared.delivered, qos).increment(1);
         let f = Inflight {
             origin,
             cursor,

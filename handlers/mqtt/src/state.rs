@@ -249,6 +249,11 @@ fn per_qos(name: &'static str) -> [metrics::Counter; 3] {
     [0, 1, 2].map(|q| metrics::counter!(name, "qos" => qos_label(q)))
 }
 
+/// The counter of QoS `q` among `per_qos`'s.
+pub(crate) fn of_qos(counters: &[metrics::Counter; 3], q: u8) -> &metrics::Counter {
+    &counters[usize::from(q.min(2))]
+}
+
 /// The topic a connection published to last and its ledger: a connection
 /// that keeps publishing to one topic skips the name mapping and lookups.
 pub(crate) type LastLedger = Option<(String, Arc<Ledger>)>;
@@ -447,7 +452,7 @@ impl Shared {
                 pending
             }
         };
-        self.published[usize::from(p.qos.min(2))].increment(1);
+        of_qos(&self.published, p.qos).increment(1);
         Ok(pending)
     }
 
@@ -477,7 +482,7 @@ impl Shared {
         let msg = map::publish_to_message(p, now);
         let ledger = self.publish_ledger(&p.topic).await?;
         append(&ledger, &msg, now).await?;
-        self.published[usize::from(p.qos.min(2))].increment(1);
+        of_qos(&self.published, p.qos).increment(1);
         if p.retain {
             self.set_retained(&p.topic, msg).await?;
         }
