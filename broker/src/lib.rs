@@ -16,8 +16,8 @@ pub mod topic;
 pub use broker::{Broker, BrokerConfig, CursorStats, PartitionStats, TopicStats};
 pub use error::{BrokerError, Result};
 pub use ledger::{
-    AppendEntry, Appended, Backlog, CacheBudget, Cursor, CursorOptions, Entry, InitialPosition,
-    Journal, JournalOptions, Ledger, LedgerOptions, PendingAppend,
+    AppendEntry, Appended, Backlog, CacheBudget, Cursor, CursorOptions, Entry, Follow,
+    InitialPosition, Journal, JournalOptions, Ledger, LedgerOptions, PendingAppend, ReadySet,
 };
 pub use message::{EntryFormat, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

@@ -297,6 +297,48 @@ async fn tailing_read_wakes_on_append_without_polling() {
 }
 
 #[tokio::test]
+async fn a_follower_is_woken_with_its_token_by_appends_and_by_close() {
+    use std::collections::VecDeque;
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir.path().join("a"), policy(1 << 20));
+    let b = open(&dir.path().join("b"), policy(1 << 20));
+    let set = broker::ReadySet::new();
+    let fa = a.follow(&set, 7);
+    let _fb = b.follow(&set, 9);
+    let mut ready = VecDeque::new();
+    set.take_into(&mut ready);
+    assert_eq!(ready, [7, 9], "both are looked at once when followed");
+    // The wake-up stored while nobody waited is used by the next wait.
+    tokio::time::timeout(Duration::from_secs(5), set.wait())
+        .await
+        .unwrap();
+    // An append to b wakes the waiter with b's token only.
+    let waiter = {
+        let set = set.clone();
+        tokio::spawn(async move { set.wait().await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "nothing moved yet");
+    b.append(entry("x", 1, 0)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
+    ready.clear();
+    set.take_into(&mut ready);
+    assert_eq!(ready, [9]);
+    // A dropped follow is not woken; closing a followed ledger wakes it.
+    drop(fa);
+    a.append(entry("y", 1, 0)).await.unwrap();
+    b.close().await;
+    assert!(b.is_closed() && !a.is_closed());
+    ready.clear();
+    set.take_into(&mut ready);
+    assert_eq!(ready, [9]);
+    a.close().await;
+}
+
+#[tokio::test]
 async fn trim_moves_start_and_deletes_whole_segments() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), policy(4096));

@@ -620,6 +620,33 @@ def test_publishing_goes_on_after_the_topic_is_deleted(gw, uniq, name, ver):
     sub.close(); pub.close()
 
 
+@pytest.mark.parametrize("name,ver,opts,share", [
+    ("v3.1.1-clean", V311, {"clean": True}, ""),
+    ("v5-persistent", V5, {"clean": False, "session_expiry": 300}, ""),
+    ("v5-shared", V5, {"clean": True}, "$share/g/"),
+], ids=["v3.1.1-clean", "v5-persistent", "v5-shared"])
+def test_a_subscriber_goes_on_receiving_after_its_topic_is_deleted(gw, uniq, name, ver, opts, share):
+    """A subscriber stays connected while its topic is deleted through the
+    admin API and created again by the next publish: it receives what is
+    published to the new topic, without subscribing again (it must not
+    keep reading the deleted ledger). Also for a shared subscription,
+    whose group reads the topic."""
+    port = gw.port("mqtt")
+    path = f"/admin/v1/topics/public/default/{uniq}.r"
+    sub = Client(port, f"{uniq}-s", ver, **opts).connect()
+    sub.sub(f"{share}{uniq}/r", qos=1)
+    pub = Client(port, f"{uniq}-p", ver).connect()
+    pub.pub(f"{uniq}/r", b"before", qos=1)
+    assert sub.get().payload == b"before"
+    status, body = gw.admin("DELETE", path)
+    assert status in (200, 204), body
+    for i in range(3):
+        pub.pub(f"{uniq}/r", f"after-{i}".encode(), qos=1)
+    assert [m.payload for m in sub.get_n(3)] == [b"after-0", b"after-1", b"after-2"]
+    sub.nothing()
+    sub.close(); pub.close()
+
+
 def _metric(gw, line_prefix: str) -> float:
     status, body = gw.admin("GET", "/metrics")
     assert status == 200

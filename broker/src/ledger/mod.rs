@@ -43,6 +43,7 @@
 //! cached, so the caches of many partitions stay within one bound.
 
 mod cursor;
+mod follow;
 pub mod journal;
 mod segment;
 
@@ -58,6 +59,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+
+pub use follow::{Follow, ReadySet};
 
 pub use cursor::{Cursor, CursorOptions, InitialPosition, RangeSet};
 pub use journal::{Journal, JournalOptions};
@@ -388,6 +391,8 @@ pub struct Ledger {
     read_buf: Mutex<Option<Bytes>>,
     /// Recent entries for tailing readers.
     tail: RwLock<TailCache>,
+    /// Readers following this ledger from a [`ReadySet`].
+    followers: follow::Followers,
     /// Tells this ledger from an earlier one in the same directory (a topic
     /// deleted and created again), for the journal's replay.
     incarnation: u64,
@@ -677,6 +682,7 @@ impl Ledger {
             fsyncs: AtomicU64::new(0),
             read_buf: Mutex::new(None),
             tail,
+            followers: follow::Followers::default(),
             incarnation: meta.incarnation,
             journal_key: options_journal_key,
             metrics: Metrics::new(),
@@ -1045,6 +1051,21 @@ impl Ledger {
         }
         // The writer has stopped: give the cache's share of the budget back.
         self.tail.write().unwrap_or_else(|e| e.into_inner()).clear();
+        self.followers.wake();
+    }
+
+    /// Whether [`Ledger::close`] (or a delete) has begun: a follower stops
+    /// reading.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Registers `set` to be given `token` whenever this ledger's end
+    /// moves, and when it closes, until the returned [`Follow`] is dropped.
+    /// The token is given once at once, so the reader looks at the entries
+    /// already there.
+    pub fn follow(&self, set: &Arc<ReadySet>, token: u32) -> Follow {
+        self.followers.add(set, token)
     }
 
     /// Closes the ledger and removes its directory.
@@ -2011,6 +2032,7 @@ impl Writer {
                 }
             }
             self.ledger.end_tx.send_replace(next);
+            self.ledger.followers.wake();
             self.ledger
                 .metrics
                 .appends

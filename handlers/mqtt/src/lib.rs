@@ -23,6 +23,7 @@
 //! only through `mapping::entry_messages`.
 
 pub mod codec;
+mod feeds;
 mod session;
 mod share;
 mod state;

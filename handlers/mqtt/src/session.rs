@@ -1,12 +1,12 @@
 //! One MQTT connection: CONNECT, session takeover, the publish flows in
 //! both directions, subscriptions and their feeds, wills and keep-alive.
 //!
-//! A connection task owns its session while connected. Each partition its
-//! subscriptions match is read by a *feed* task (from a durable cursor for
-//! a persistent session, from an in-memory position otherwise) that sends
-//! decoded messages into a small bounded channel; the connection pulls
-//! from it only while its in-flight window (the client's Receive Maximum)
-//! has room, so a slow client back-pressures its feeds, not the broker.
+//! A connection task owns its session while connected. It reads the
+//! partitions its subscriptions match itself (see [`crate::feeds`]: from a
+//! durable cursor for a persistent session, from an in-memory position
+//! otherwise), and only while its in-flight window (the client's Receive
+//! Maximum) has room, so a slow client holds back its own reads, not the
+//! broker. Shared subscriptions are read by their group (`share`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,15 +18,15 @@ use bytes::BytesMut;
 use handler_api::{AsyncStream, CancellationToken, HandlerError};
 use mapping::mqtt::{self as map, MqttPublish, ReasonCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, mpsc};
-use tokio::task::AbortHandle;
+use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use crate::codec::{
     self, Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, Publish, SubAck,
     UnsubAck, Version,
 };
-use crate::share::{pull_any, Group};
+use crate::feeds::{Feed, Feeds, Step};
+use crate::share::{pull_any, Delivery, Group};
 use crate::state::{
     expiry_deadline, of_qos, FeedKey, KnownTopic, LastLedger, Online, Session, Shared, StoredWill,
     SubRecord,
@@ -45,14 +45,6 @@ enum End {
     TakenOver,
     /// The gateway is shutting down.
     Shutdown,
-}
-
-pub(crate) struct Delivery {
-    key: FeedKey,
-    cursor: Option<Arc<Cursor>>,
-    offset: u64,
-    msg: Message,
-    fallback: Arc<str>,
 }
 
 struct Inflight {
@@ -101,12 +93,11 @@ struct Conn {
     inflight: BTreeMap<u16, Inflight>,
     pending: VecDeque<Pending>,
     next_pkid: u16,
-    feeds: HashMap<FeedKey, AbortHandle>,
+    /// The partitions this connection reads (boxed, and made when the
+    /// first one starts: an idle connection carries none of it).
+    feeds: Option<Box<Feeds>>,
     /// Shared subscription groups this connection is a member of.
     groups: Vec<Arc<Group>>,
-    /// The feeds' channel, made when the first feed starts.
-    tx: Option<mpsc::Sender<Box<Delivery>>>,
-    feed_rx: Option<mpsc::Receiver<Box<Delivery>>>,
     /// The will and its delay (boxed: most connections have none).
     will: Option<Box<(MqttPublish, u32)>>,
     /// Publishes queued on their ledgers and not yet durable, oldest
@@ -134,6 +125,9 @@ struct PendingPublish {
     append: broker::PendingAppend,
 }
 
+/// Most messages one feed delivers before the next ready feed's turn.
+const FEED_TURN: usize = 64;
+
 /// Most publishes of one connection in flight at once (QoS 1 and 2 are
 /// bounded by our Receive Maximum already; this bounds QoS 0).
 const MAX_PENDING_PUBLISHES: usize = 256;
@@ -149,14 +143,6 @@ async fn next_ack(
     };
     let p = acks.pop_front().expect("the front was there");
     (p, r)
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        for f in self.feeds.values() {
-            f.abort();
-        }
-    }
 }
 
 fn io_benign(e: &std::io::Error) -> bool {
@@ -449,10 +435,8 @@ async fn handshake(
         inflight: BTreeMap::new(),
         pending: VecDeque::new(),
         next_pkid: 1,
-        feeds: HashMap::new(),
+        feeds: None,
         groups: Vec::new(),
-        tx: None,
-        feed_rx: None,
         will,
         acks: VecDeque::new(),
         rel_acks: Vec::new(),
@@ -617,6 +601,7 @@ impl Conn {
                 };
                 self.send_publish(p.publish, p.qos, true, p.sub_ids, Source::default());
             }
+            let more = Box::pin(self.pump_feeds()).await;
             if !self.rel_acks.is_empty() || !self.held.is_empty() {
                 Box::pin(self.store_held()).await;
             }
@@ -629,9 +614,9 @@ impl Conn {
             let groups = self.groups.clone();
             let pull = (room && !groups.is_empty()).then(|| Box::pin(pull_any(&groups)));
             let pulling = pull.is_some();
-            // The feeds' receiver is polled from a local (the branches
-            // below need `self`); it goes back after the select.
-            let mut rx = self.feed_rx.take();
+            // The feeds' set is waited on through a clone (the branches
+            // below need `self`).
+            let ready = self.feeds.as_ref().map(|f| f.set().clone());
             let listening = !self.session.record.subs.is_empty();
             tokio::select! {
                 biased;
@@ -667,18 +652,9 @@ impl Conn {
                         rbuf = BytesMut::new();
                     }
                 }
-                d = async { rx.as_mut()?.recv().await }, if room && rx.is_some() => {
-                    if let Some(d) = d {
-                        self.deliver(*d);
-                        while self.inflight.len() < self.window && self.wbuf.len() < 64 * 1024 {
-                            let Some(rx) = rx.as_mut() else { break };
-                            match rx.try_recv() {
-                                Ok(d) => self.deliver(*d),
-                                Err(_) => break,
-                            }
-                        }
-                    }
-                }
+                // A feed's ledger moved: read at the top of the loop.
+                () = async { ready.as_ref().expect("enabled with feeds").wait().await },
+                    if room && ready.is_some() && !more => {}
                 // Boxed, and only made for a member of a shared
                 // subscription: the others do not carry its state.
                 (g, d) = async { pull.expect("enabled only with groups").await },
@@ -717,10 +693,10 @@ impl Conn {
                         }
                     }
                 }
+                // Feeds with more to read take their turns after whatever
+                // else is ready.
+                () = std::future::ready(()), if room && more => {}
             };
-            if self.feed_rx.is_none() {
-                self.feed_rx = rx;
-            }
         };
         if !self.rel_acks.is_empty() || !self.held.is_empty() {
             Box::pin(self.store_held()).await;
@@ -1136,7 +1112,7 @@ impl Conn {
         let topics = self.shared.known_topics();
         let cname = map::session_cursor_name(&self.client_id);
         let mut stop = Vec::new();
-        for key in self.feeds.keys() {
+        for key in self.feeds.iter().flat_map(|f| f.keys()) {
             let mqtt = topics
                 .iter()
                 .find(|k| k.name == key.0)
@@ -1150,8 +1126,8 @@ impl Conn {
             }
         }
         for key in stop {
-            if let Some(h) = self.feeds.remove(&key) {
-                h.abort();
+            if let Some(f) = self.feeds.as_deref_mut() {
+                f.remove(&key);
             }
             if self.expiry > 0 {
                 if let Ok(l) = self.shared.broker.ledger(&key.0, key.1) {
@@ -1192,7 +1168,10 @@ impl Conn {
         let cname = map::session_cursor_name(&self.client_id);
         for p in 0..k.partitions {
             let key: FeedKey = Arc::new((k.name.clone(), p));
-            if self.feeds.contains_key(&key) {
+            // A feed whose ledger closed (the topic was deleted and is
+            // now created again) is replaced.
+            let feeds = self.feeds.get_or_insert_with(|| Box::new(Feeds::new()));
+            if feeds.get(&key).is_some_and(|f| !f.ledger.is_closed()) {
                 continue;
             }
             let Ok(ledger) = self.shared.broker.ledger(&k.name, p) else {
@@ -1232,41 +1211,70 @@ impl Conn {
             } else {
                 (None, pos)
             };
-            let task = tokio::spawn(feed(
-                ledger,
-                key.clone(),
-                cursor,
-                next,
-                k.mqtt.clone(),
-                self.feed_tx(),
-            ));
-            self.feeds.insert(key, task.abort_handle());
+            if let Some(f) = self.feeds.as_deref_mut() {
+                f.insert(key, ledger, cursor, next, k.mqtt.clone());
+            }
         }
     }
 
-    /// The sender feeds use (the channel is made on first use).
-    fn feed_tx(&mut self) -> mpsc::Sender<Box<Delivery>> {
-        if let Some(tx) = &self.tx {
-            return tx.clone();
+    /// Reads the ready feeds and delivers their messages while the window
+    /// and the write buffer have room, each feed in turn (up to
+    /// [`FEED_TURN`] messages a turn). `true`: a feed has more to read.
+    async fn pump_feeds(&mut self) -> bool {
+        let Some(feeds) = self.feeds.as_deref_mut() else {
+            return false;
+        };
+        if !feeds.collect() {
+            return false;
         }
-        let (tx, rx) = mpsc::channel(32);
-        self.tx = Some(tx.clone());
-        self.feed_rx = Some(rx);
-        tx
+        let mut turns = feeds.ready_len();
+        while turns > 0 && self.has_room() {
+            turns -= 1;
+            let Some((token, mut f)) = self.feeds.as_deref_mut().and_then(Feeds::take_next) else {
+                break;
+            };
+            let mut n = 0;
+            let again = loop {
+                if n == FEED_TURN || !self.has_room() {
+                    break Some(true);
+                }
+                match f.next().await {
+                    Step::Message(off, msg) => {
+                        self.deliver(&f, off, &msg);
+                        n += 1;
+                    }
+                    Step::CaughtUp => break Some(false),
+                    Step::Closed => break None,
+                }
+            };
+            let Some(feeds) = self.feeds.as_deref_mut() else {
+                break;
+            };
+            match again {
+                Some(again) => feeds.put_back(token, f, again),
+                None => feeds.drop_taken(token, &f),
+            }
+        }
+        self.feeds.as_deref().is_some_and(Feeds::any_ready)
     }
 
-    fn deliver(&mut self, d: Delivery) {
+    /// Whether another delivery can go out now.
+    fn has_room(&self) -> bool {
+        self.inflight.len() < self.window && self.pending.is_empty() && self.wbuf.len() < 64 * 1024
+    }
+
+    fn deliver(&mut self, f: &Feed, off: u64, msg: &Message) {
         let now = now_ms();
-        let ack_now = |d: &Delivery| {
-            if let Some(c) = &d.cursor {
-                c.ack(d.offset);
+        let ack_now = || {
+            if let Some(c) = &f.cursor {
+                c.ack(off);
             }
         };
-        if map::is_expired(&d.msg, now) {
-            ack_now(&d);
+        if map::is_expired(msg, now) {
+            ack_now();
             return;
         }
-        let p = map::message_to_publish(&d.msg, &d.fallback, now);
+        let p = map::message_to_publish(msg, &f.fallback, now);
         let mut qos: Option<u8> = None;
         let mut ids = Vec::new();
         let mut rap = false;
@@ -1284,7 +1292,7 @@ impl Conn {
             rap |= s.rap;
         }
         let Some(sq) = qos else {
-            ack_now(&d);
+            ack_now();
             return;
         };
         let q = sq.min(p.qos);
@@ -1295,8 +1303,8 @@ impl Conn {
             retain,
             ids,
             Source {
-                origin: Some((d.key, d.offset)),
-                cursor: d.cursor,
+                origin: Some((f.key.clone(), off)),
+                cursor: f.cursor.clone(),
                 share: None,
             },
         );
@@ -1477,9 +1485,6 @@ impl Conn {
 
     /// Gives the session back (or ends it), publishes the will when due.
     async fn release(mut self, end: End, gone: CancellationToken) {
-        for f in self.feeds.values() {
-            f.abort();
-        }
         let shared = self.shared.clone();
         let persistent = self.expiry > 0;
         let now = now_ms();
@@ -1537,8 +1542,10 @@ impl Conn {
             }
             let ledgers: Vec<Arc<Ledger>> = self
                 .feeds
-                .keys()
-                .filter_map(|k| shared.broker.ledger(&k.0, k.1).ok())
+                .iter()
+                .flat_map(|f| f.ledgers())
+                .filter(|l| !l.is_closed())
+                .cloned()
                 .collect();
             for l in ledgers {
                 let _ = l.persist_cursors().await;
@@ -1648,80 +1655,5 @@ fn is_shared(filter: &str) -> bool {
 fn ack(f: &Inflight) {
     if let (Some(c), Some((_, off))) = (&f.cursor, &f.origin) {
         c.ack(*off);
-    }
-}
-
-/// Reads one partition from `next` on and hands messages to the
-/// connection, skipping those the cursor already acknowledged.
-pub(crate) async fn feed(
-    ledger: Arc<Ledger>,
-    key: FeedKey,
-    cursor: Option<Arc<Cursor>>,
-    mut next: u64,
-    fallback: Arc<str>,
-    tx: mpsc::Sender<Box<Delivery>>,
-) {
-    loop {
-        let entries = match ledger
-            .read_or_wait(next, 256 * 1024, Duration::from_secs(30))
-            .await
-        {
-            Ok(e) => e,
-            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => {
-                if next < start {
-                    next = start;
-                } else if next > end {
-                    next = end;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                continue;
-            }
-            Err(BrokerError::Closed) => return,
-            Err(e) => {
-                tracing::warn!(ledger = ledger.name(), error = %e, "feed read failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        for e in entries {
-            let msgs = match mapping::entry_messages(&e) {
-                Ok(m) => m,
-                Err(err) => {
-                    tracing::warn!(ledger = ledger.name(), offset = e.base_offset, error = %err, "skipping unreadable entry");
-                    next = next.max(e.base_offset + u64::from(e.count));
-                    continue;
-                }
-            };
-            let end = e.base_offset + u64::from(e.count);
-            if end > ledger.durable_end() && msgs.iter().any(map::published_exactly_once) {
-                // Entries are readable before they are durable; QoS 2 is
-                // forwarded only once it would survive a crash.
-                if ledger.wait_durable(end).await.is_err() {
-                    return;
-                }
-            }
-            for (i, msg) in msgs.into_iter().enumerate() {
-                let off = e.base_offset + i as u64;
-                if off < next {
-                    continue;
-                }
-                next = off + 1;
-                if cursor.as_ref().is_some_and(|c| c.is_acked(off)) {
-                    continue;
-                }
-                let d = Box::new(Delivery {
-                    key: key.clone(),
-                    cursor: cursor.clone(),
-                    offset: off,
-                    msg,
-                    fallback: fallback.clone(),
-                });
-                if tx.send(d).await.is_err() {
-                    return;
-                }
-            }
-            next = next.max(e.base_offset + u64::from(e.count));
-        }
     }
 }

@@ -20,12 +20,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use broker::InitialPosition;
+use std::time::Duration;
+
+use broker::{BrokerError, Cursor, InitialPosition, Ledger, Message, ReadySet};
 use mapping::mqtt as map;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::session::{feed, Delivery};
 use crate::state::{FeedKey, KnownTopic, Shared};
 
 struct GroupRx {
@@ -45,7 +46,8 @@ pub(crate) struct Group {
     tx: mpsc::Sender<Box<Delivery>>,
     re_tx: mpsc::UnboundedSender<Box<Delivery>>,
     rx: tokio::sync::Mutex<GroupRx>,
-    feeds: tokio::sync::Mutex<HashMap<FeedKey, AbortHandle>>,
+    /// The feed tasks, with the ledger each reads.
+    feeds: tokio::sync::Mutex<HashMap<FeedKey, (AbortHandle, Arc<Ledger>)>>,
     /// Connected members (changed under `Shared::groups`' lock).
     members: std::sync::atomic::AtomicUsize,
 }
@@ -109,7 +111,9 @@ impl Group {
         let mut feeds = self.feeds.lock().await;
         for p in 0..k.partitions {
             let key: FeedKey = Arc::new((k.name.clone(), p));
-            if feeds.contains_key(&key) {
+            // A feed whose ledger closed (the topic was deleted and is
+            // now created again) is replaced.
+            if feeds.get(&key).is_some_and(|(_, l)| !l.is_closed()) {
                 continue;
             }
             let Ok(ledger) = shared.broker.ledger(&k.name, p) else {
@@ -141,14 +145,16 @@ impl Group {
             };
             let next = cursor.mark_delete();
             let task = tokio::spawn(feed(
-                ledger,
+                ledger.clone(),
                 key.clone(),
                 Some(cursor),
                 next,
                 k.mqtt.clone(),
                 self.tx.clone(),
             ));
-            feeds.insert(key, task.abort_handle());
+            if let Some((old, _)) = feeds.insert(key, (task.abort_handle(), ledger)) {
+                old.abort();
+            }
         }
     }
 }
@@ -199,7 +205,7 @@ impl Shared {
         }
         let keys: Vec<FeedKey> = {
             let mut feeds = g.feeds.lock().await;
-            for h in feeds.values() {
+            for (h, _) in feeds.values() {
                 h.abort();
             }
             feeds.drain().map(|(k, _)| k).collect()
@@ -266,4 +272,99 @@ pub(crate) async fn pull_any(groups: &[Arc<Group>]) -> (Arc<Group>, Box<Delivery
         Poll::Pending
     })
     .await
+}
+
+/// A message of the group's feeds, on its way to a member.
+pub(crate) struct Delivery {
+    pub(crate) key: FeedKey,
+    pub(crate) cursor: Option<Arc<Cursor>>,
+    pub(crate) offset: u64,
+    pub(crate) msg: Message,
+    pub(crate) fallback: Arc<str>,
+}
+
+/// Reads one partition from `next` on and hands messages to the
+/// group, skipping those the cursor already acknowledged.
+async fn feed(
+    ledger: Arc<Ledger>,
+    key: FeedKey,
+    cursor: Option<Arc<Cursor>>,
+    mut next: u64,
+    fallback: Arc<str>,
+    tx: mpsc::Sender<Box<Delivery>>,
+) {
+    // Woken when the ledger's end moves and when it closes (its topic
+    // deleted): the feed then ends.
+    let ready = ReadySet::new();
+    let _follow = ledger.follow(&ready, 0);
+    loop {
+        // Cleared before the end is looked at: an append from now on
+        // queues the token again and wakes the wait below.
+        ready.clear();
+        if ledger.is_closed() {
+            return;
+        }
+        let entries = match ledger.read(next, 256 * 1024).await {
+            Ok(e) if e.is_empty() => {
+                ready.wait().await;
+                continue;
+            }
+            Ok(e) => e,
+            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => {
+                if next < start {
+                    next = start;
+                } else if next > end {
+                    next = end;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                continue;
+            }
+            Err(BrokerError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(ledger = ledger.name(), error = %e, "feed read failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        for e in entries {
+            let msgs = match mapping::entry_messages(&e) {
+                Ok(m) => m,
+                Err(err) => {
+                    tracing::warn!(ledger = ledger.name(), offset = e.base_offset, error = %err, "skipping unreadable entry");
+                    next = next.max(e.base_offset + u64::from(e.count));
+                    continue;
+                }
+            };
+            let end = e.base_offset + u64::from(e.count);
+            if end > ledger.durable_end() && msgs.iter().any(map::published_exactly_once) {
+                // Entries are readable before they are durable; QoS 2 is
+                // forwarded only once it would survive a crash.
+                if ledger.wait_durable(end).await.is_err() {
+                    return;
+                }
+            }
+            for (i, msg) in msgs.into_iter().enumerate() {
+                let off = e.base_offset + i as u64;
+                if off < next {
+                    continue;
+                }
+                next = off + 1;
+                if cursor.as_ref().is_some_and(|c| c.is_acked(off)) {
+                    continue;
+                }
+                let d = Box::new(Delivery {
+                    key: key.clone(),
+                    cursor: cursor.clone(),
+                    offset: off,
+                    msg,
+                    fallback: fallback.clone(),
+                });
+                if tx.send(d).await.is_err() {
+                    return;
+                }
+            }
+            next = next.max(e.base_offset + u64::from(e.count));
+        }
+    }
 }

@@ -543,6 +543,15 @@ async fn load(
             f64::from(lat[((lat.len() as f64 - 1.0) * p) as usize]) / 1000.0
         }
     };
+    if std::env::var_os("MQTT_BENCH_SPREAD").is_some() && !lat.is_empty() {
+        // The shape of the tail, for analysis (stderr; not in the table).
+        let ps = [0.5, 0.75, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999];
+        let v: Vec<String> = ps
+            .iter()
+            .map(|&p| format!("p{}={:.2}", p * 100.0, pct(p)))
+            .collect();
+        eprintln!("spread: {}", v.join(" "));
+    }
     let cpu_us = match (cpu0, cpu1) {
         (Some(a), Some(b)) if n > 0 => (b - a) as f64 / clock_ticks_per_s() * 1e6 / n as f64,
         _ => f64::NAN,
