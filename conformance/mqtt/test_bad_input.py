@@ -121,3 +121,20 @@ def test_keep_alive_enforced(gw, healthy):
     t0 = time.monotonic()
     assert r.closed_within(5)
     assert 1.2 <= time.monotonic() - t0 <= 3.0  # 1.5 x keep-alive
+
+
+def test_keep_alive_is_kept_by_packets_and_enforced_after_the_last(gw, healthy):
+    """A client that sends PINGREQ within its keep-alive stays connected past
+    several keep-alive periods; once it goes silent it is closed 1.5 x the
+    keep-alive after its last packet, not after its CONNECT."""
+    import time
+    r = Raw(gw.port("mqtt"))
+    r.send(connect_packet("ka-live", keepalive=1))
+    assert r.recv_some()[:2] == b"\x20\x02"
+    for _ in range(8):  # 4 s: well past 1.5 s after the CONNECT
+        time.sleep(0.5)
+        r.send(b"\xc0\x00")  # PINGREQ
+        assert r.recv_some() == b"\xd0\x00"  # PINGRESP
+    t0 = time.monotonic()
+    assert r.closed_within(5)
+    assert 1.2 <= time.monotonic() - t0 <= 3.0

@@ -578,10 +578,19 @@ impl Conn {
     ) -> std::io::Result<End> {
         let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut last_rx = Instant::now();
+        // One timer and one cancellation wait for the whole connection, not
+        // one registered per wake-up: the timer is set for the deadline as
+        // of the last packet, and when it fires it checks whether packets
+        // came since (then it is set again).
+        let ka_timer =
+            tokio::time::sleep_until(last_rx + ka.unwrap_or(Duration::from_secs(86_400)));
+        tokio::pin!(ka_timer);
+        let kicked = kick.cancelled();
+        tokio::pin!(kicked);
         let max = self.shared.config.max_packet_size as usize;
-        // Reads land here first: an idle connection holds no heap buffer;
-        // `rbuf` grows only while packets arrive and is freed when empty.
-        let mut small = [0u8; 64];
+        // Reads land in the worker thread's scratch buffer first (see
+        // `read_some`): an idle connection holds no read buffer; `rbuf`
+        // holds what one read brought until it is handled.
         if rbuf.is_empty() {
             rbuf = BytesMut::new();
         }
@@ -606,10 +615,6 @@ impl Conn {
                 Box::pin(self.store_held()).await;
             }
             self.flush(wr).await?;
-            let ka_deadline = ka.map_or_else(
-                || Instant::now() + Duration::from_secs(86_400),
-                |d| last_rx + d,
-            );
             let room = self.inflight.len() < self.window && self.pending.is_empty();
             let groups = self.groups.clone();
             let pull = (room && !groups.is_empty()).then(|| Box::pin(pull_any(&groups)));
@@ -621,7 +626,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 // `kick` is a child of `shutdown`: cancelled by either.
-                _ = kick.cancelled() => {
+                () = &mut kicked => {
                     if shutdown.is_cancelled() {
                         self.disconnect(ReasonCode::ServerShuttingDown);
                         break End::Shutdown;
@@ -629,21 +634,22 @@ impl Conn {
                     self.disconnect(ReasonCode::SessionTakenOver);
                     break End::TakenOver;
                 }
-                _ = tokio::time::sleep_until(ka_deadline), if ka.is_some() => {
+                () = &mut ka_timer, if ka.is_some() => {
+                    let due = last_rx + ka.expect("enabled with keep-alive");
+                    if Instant::now() < due {
+                        // Packets came meanwhile.
+                        ka_timer.as_mut().reset(due);
+                        continue;
+                    }
                     tracing::debug!("keep-alive timeout");
                     self.disconnect(ReasonCode::KeepAliveTimeout);
                     break End::WithWill;
                 }
-                r = rd.read(&mut small) => {
-                    let n = r?;
-                    if n == 0 {
+                r = read_some(rd, &mut rbuf) => {
+                    if r? == 0 {
                         break End::WithWill;
                     }
                     last_rx = Instant::now();
-                    rbuf.extend_from_slice(&small[..n]);
-                    if n == small.len() {
-                        read_ready(rd, &mut rbuf).await?;
-                    }
                     if let Some(e) = Box::pin(self.handle_buffered(&mut rbuf, max)).await {
                         break 'outer e;
                     }
@@ -1611,41 +1617,36 @@ impl OutAliases {
     }
 }
 
-/// Reads whatever else is already available into `buf` without waiting.
-async fn read_ready(rd: &mut ReadHalf<Io>, buf: &mut BytesMut) -> std::io::Result<()> {
+thread_local! {
+    /// Each worker thread's read buffer: a read takes everything the
+    /// socket has (up to its size) with one call, and only those bytes are
+    /// copied to the connection's buffer, so a busy connection neither
+    /// reads twice per packet nor allocates a large buffer per read.
+    static SCRATCH: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; 64 * 1024].into_boxed_slice());
+}
+
+/// Waits until the connection has input and appends it to `buf` (one read
+/// of up to 64 KiB); `Ok(0)` at the end of the stream. Cancel-safe: bytes
+/// are taken only in the poll that returns them.
+async fn read_some(rd: &mut ReadHalf<Io>, buf: &mut BytesMut) -> std::io::Result<usize> {
     use std::task::Poll;
     use tokio::io::{AsyncRead, ReadBuf};
-    loop {
-        let len = buf.len();
-        let chunk = len.clamp(4096, 64 * 1024);
-        buf.resize(len + chunk, 0);
-        let r = std::future::poll_fn(|cx| {
-            let mut rb = ReadBuf::new(&mut buf[len..]);
-            Poll::Ready(match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
-                Poll::Ready(Ok(())) => Ok(Some(rb.filled().len())),
-                Poll::Ready(Err(e)) => Err(e),
-                Poll::Pending => Ok(None),
-            })
-        })
-        .await;
-        match r {
-            Ok(Some(n)) => {
-                buf.truncate(len + n);
-                // 0 is the end of the stream: the next read sees it again.
-                if n < chunk {
-                    return Ok(());
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut rb = ReadBuf::new(&mut scratch[..]);
+            match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    buf.extend_from_slice(rb.filled());
+                    Poll::Ready(Ok(rb.filled().len()))
                 }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
             }
-            Ok(None) => {
-                buf.truncate(len);
-                return Ok(());
-            }
-            Err(e) => {
-                buf.truncate(len);
-                return Err(e);
-            }
-        }
-    }
+        })
+    })
+    .await
 }
 
 fn is_shared(filter: &str) -> bool {
