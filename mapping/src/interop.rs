@@ -325,6 +325,30 @@ mod tests {
     }
 
     #[test]
+    fn deliverable_agrees_with_is_expired() {
+        // An MQTT message with a v5 expiry, a Kafka record with an AMQP
+        // expiration and one with neither, before and at their deadlines.
+        let mqtt_msg = mqtt::publish_to_message(&mqtt_request(), 5_000);
+        let mut k = Message::new(&b"x"[..]);
+        k.publish_time = 1_000;
+        k.headers
+            .push((amqp::H_EXPIRATION.into(), Bytes::from_static(b"500")));
+        let plain = Message::new(&b"y"[..]);
+        for m in [&mqtt_msg, &k, &plain] {
+            for now in [0, 1_499, 1_500, 64_999, 65_000, i64::MAX] {
+                let d = mqtt::deliverable(m, "t", now);
+                assert_eq!(d.is_none(), mqtt::is_expired(m, now), "at {now}");
+                if let Some(d) = d {
+                    assert_eq!(d, mqtt::message_to_publish(m, "t", now));
+                }
+            }
+        }
+        assert!(mqtt::deliverable(&mqtt_msg, "t", 64_999).is_some());
+        assert!(mqtt::deliverable(&mqtt_msg, "t", 65_000).is_none());
+        assert!(mqtt::deliverable(&plain, "t", i64::MAX).is_some());
+    }
+
+    #[test]
     fn string_limits() {
         assert_eq!(as_shortstr(b"abc"), Some("abc"));
         assert_eq!(as_shortstr(&[b'a'; 256]), None);

@@ -551,6 +551,23 @@ pub fn published_exactly_once(m: &Message) -> bool {
 /// `message_expiry` is the remaining interval at `now_ms`, rounded up;
 /// whether the message has expired is [`is_expired`].
 pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> MqttPublish {
+    to_publish(m, fallback_topic, now_ms).0
+}
+
+/// [`message_to_publish`] for delivery: `None` if the message has expired
+/// at `now_ms` ([`is_expired`]). One pass over the headers does both.
+pub fn deliverable(m: &Message, fallback_topic: &str, now_ms: i64) -> Option<MqttPublish> {
+    let (p, at) = to_publish(m, fallback_topic, now_ms);
+    at.is_none_or(|at| at > now_ms).then_some(p)
+}
+
+/// The publish and its expiry ([`expires_at`]), reading the MQTT headers
+/// in the same pass as the rest (the first of each name counts, as with
+/// [`Message::header`]).
+fn to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> (MqttPublish, Option<i64>) {
+    fn utf8(v: &Bytes) -> Option<&str> {
+        std::str::from_utf8(v).ok()
+    }
     let own = written_by_mqtt(m);
     let foreign = if own {
         FromAmqp::default()
@@ -558,23 +575,18 @@ pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> Mqt
         from_amqp(m)
     };
     let mut p = MqttPublish {
-        topic: message_topic(m).unwrap_or(fallback_topic).to_owned(),
         payload: m.payload.clone(),
-        qos: match header_str(m, H_QOS) {
-            Some("0") => 0,
-            Some("2") => 2,
-            _ => 1,
-        },
-        retain: header_str(m, H_RETAIN) == Some("1"),
-        client_id: header_str(m, H_CLIENT_ID).map(str::to_owned),
-        message_expiry: expires_at(m).map(|at| {
-            let left = at.saturating_sub(now_ms).max(0);
-            (left.saturating_add(999) / 1000).min(i64::from(u32::MAX)) as u32
-        }),
         ..MqttPublish::default()
     };
+    let (mut topic, mut qos, mut retain, mut client_id, mut own_expiry) =
+        (None, None, None, None, None);
     for (n, v) in &m.headers {
         match n.as_str() {
+            H_TOPIC => topic = topic.or(Some(utf8(v))),
+            H_QOS => qos = qos.or(Some(utf8(v))),
+            H_RETAIN => retain = retain.or(Some(utf8(v))),
+            H_CLIENT_ID => client_id = client_id.or(Some(utf8(v))),
+            H_EXPIRES_AT => own_expiry = own_expiry.or(Some(utf8(v))),
             H_PAYLOAD_FORMAT => {
                 p.payload_format = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
             }
@@ -602,7 +614,26 @@ pub fn message_to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> Mqt
         p.correlation_data = foreign.correlation_data.or(p.correlation_data);
         p.response_topic = foreign.response_topic.or(p.response_topic);
     }
-    p
+    p.topic = topic.flatten().unwrap_or(fallback_topic).to_owned();
+    p.qos = match qos.flatten() {
+        Some("0") => 0,
+        Some("2") => 2,
+        _ => 1,
+    };
+    p.retain = retain.flatten() == Some("1");
+    p.client_id = client_id.flatten().map(str::to_owned);
+    let own_expiry = own_expiry.flatten().and_then(|s| s.parse::<i64>().ok());
+    // As `expires_at`: a foreign message's AMQP expiration first.
+    let at = if own {
+        own_expiry
+    } else {
+        amqp_deadline(m).or(own_expiry)
+    };
+    p.message_expiry = at.map(|at| {
+        let left = at.saturating_sub(now_ms).max(0);
+        (left.saturating_add(999) / 1000).min(i64::from(u32::MAX)) as u32
+    });
+    (p, at)
 }
 
 /// Whether a stored message's expiry ([`expires_at`]) has passed at

@@ -1276,11 +1276,10 @@ impl Conn {
                 c.ack(off);
             }
         };
-        if map::is_expired(msg, now) {
+        let Some(p) = map::deliverable(msg, &f.fallback, now) else {
             ack_now();
             return;
-        }
-        let p = map::message_to_publish(msg, &f.fallback, now);
+        };
         let mut qos: Option<u8> = None;
         let mut ids = Vec::new();
         let mut rap = false;
