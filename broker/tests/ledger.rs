@@ -339,6 +339,44 @@ async fn a_follower_is_woken_with_its_token_by_appends_and_by_close() {
 }
 
 #[tokio::test]
+async fn try_submit_queues_without_waiting_or_gives_the_entry_back() {
+    let dir = tempfile::tempdir().unwrap();
+    // A budget of one unit: the first append holds it until it completes.
+    let l = broker::Ledger::open(
+        "test",
+        dir.path(),
+        policy(1 << 20),
+        LedgerOptions::default(),
+        std::sync::Arc::new(tokio::sync::Semaphore::new(1)),
+    )
+    .unwrap();
+    let first = l
+        .try_submit(entry("a", 1, 0))
+        .expect("room")
+        .expect("valid");
+    let back = match l.try_submit(entry("b", 1, 0)) {
+        Err(e) => e,
+        Ok(_) => panic!("the second append must wait for the budget"),
+    };
+    assert_eq!(back.payload.as_ref(), b"b", "the entry is given back whole");
+    assert_eq!(first.await.unwrap().base_offset, 0);
+    let second = l.try_submit(back).expect("room again").expect("valid");
+    assert_eq!(second.await.unwrap().base_offset, 1);
+    assert!(matches!(
+        l.try_submit(entry("", 0, 0)),
+        Ok(Err(BrokerError::InvalidArgument(_)))
+    ));
+    let got = l.read(0, 1 << 20).await.unwrap();
+    let payloads: Vec<&[u8]> = got.iter().map(|e| e.payload.as_ref()).collect();
+    assert_eq!(payloads, [b"a".as_ref(), b"b".as_ref()]);
+    l.close().await;
+    assert!(matches!(
+        l.try_submit(entry("c", 1, 0)),
+        Ok(Err(BrokerError::Closed))
+    ));
+}
+
+#[tokio::test]
 async fn trim_moves_start_and_deletes_whole_segments() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), policy(4096));

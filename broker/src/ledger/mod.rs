@@ -797,6 +797,43 @@ impl Ledger {
         })
     }
 
+    /// [`Ledger::submit`] without waiting: `Err` gives the entry back when
+    /// it would wait for room in the in-flight budget or the append queue
+    /// (submit it then). `Ok(Err)` is an error known before the write, as
+    /// with `submit`.
+    #[allow(clippy::result_large_err)]
+    pub fn try_submit(
+        &self,
+        entry: AppendEntry,
+    ) -> std::result::Result<Result<PendingAppend>, AppendEntry> {
+        if entry.payload.len() > self.options.max_entry_bytes {
+            return Ok(Err(BrokerError::EntryTooLarge {
+                size: entry.payload.len(),
+                max: self.options.max_entry_bytes,
+            }));
+        }
+        if entry.count == 0 {
+            return Ok(Err(BrokerError::InvalidArgument(
+                "entry with zero messages".into(),
+            )));
+        }
+        let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
+        let permit = match self.budget.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => return Ok(Err(BrokerError::Closed)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(entry),
+        };
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Command::Append { entry, reply }) {
+            Ok(()) => Ok(Ok(PendingAppend {
+                rx,
+                _permit: permit,
+            })),
+            Err(mpsc::error::TrySendError::Full(Command::Append { entry, .. })) => Err(entry),
+            Err(_) => Ok(Err(BrokerError::Closed)),
+        }
+    }
+
     /// Reads entries from `from` until about `max_bytes` are collected
     /// (always at least one entry if any exists at `from`). The first entry
     /// returned is the one containing `from`, so its `base_offset` may be

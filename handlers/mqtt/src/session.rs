@@ -117,6 +117,11 @@ struct Conn {
     last_ledger: LastLedger,
 }
 
+/// A PUBLISH that passed [`Conn::accept_publish`]: the message to store,
+/// its QoS and packet id (boxed where it is handed on: the message is
+/// large).
+type Accepted = (MqttPublish, u8, u16);
+
 /// A client's PUBLISH whose append is in flight.
 #[derive(Debug)]
 struct PendingPublish {
@@ -531,9 +536,20 @@ impl Conn {
         loop {
             match codec::decode(rbuf, self.v, max) {
                 Ok(Some(p)) => {
-                    // Boxed: the connection's idle state does not hold the
-                    // largest handler's.
-                    if let Some(e) = Box::pin(self.handle(p)).await {
+                    // What must wait is boxed: the connection's idle state
+                    // does not hold the largest handler's. The common
+                    // packets make no future at all.
+                    let end = match p {
+                        Packet::Publish(p) => match self.publish_now(p) {
+                            Ok(end) => end,
+                            Err(a) => Box::pin(self.publish_later(a)).await,
+                        },
+                        p @ (Packet::Subscribe(_) | Packet::Unsubscribe(_)) => {
+                            Box::pin(self.handle(p)).await
+                        }
+                        p => self.handle_now(p),
+                    };
+                    if let Some(e) = end {
                         return Some(e);
                     }
                 }
@@ -724,14 +740,19 @@ impl Conn {
     }
 
     /// Handles one packet; `Some` ends the connection.
-    async fn handle(&mut self, p: Packet) -> Option<End> {
+    /// Handles a packet that needs no waiting (acknowledgements, pings,
+    /// DISCONNECT, protocol errors) without making a future for it.
+    /// PUBLISH, SUBSCRIBE and UNSUBSCRIBE go to [`Conn::handle`].
+    fn handle_now(&mut self, p: Packet) -> Option<End> {
         match p {
-            Packet::Publish(p) => return self.on_publish(p).await,
+            // Never passed here (see above).
+            Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {}
             Packet::PubAck(a) => {
                 if let Some(f) = self.inflight.get(&a.pkid) {
                     if f.qos == 1 {
-                        let f = self.inflight.remove(&a.pkid)?;
-                        ack(&f);
+                        if let Some(f) = self.inflight.remove(&a.pkid) {
+                            ack(&f);
+                        }
                     }
                 }
             }
@@ -781,8 +802,6 @@ impl Conn {
                 }
                 self.send_rec_comp(was_stored.is_some(), Packet::PubComp(r));
             }
-            Packet::Subscribe(s) => self.on_subscribe(s).await,
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u).await,
             Packet::PingReq => self.wbuf_packet(&Packet::PingResp),
             Packet::Disconnect(d) => {
                 if let Some(e) = d.properties.session_expiry {
@@ -814,19 +833,76 @@ impl Conn {
         None
     }
 
-    async fn on_publish(&mut self, mut p: Publish) -> Option<End> {
+    /// Handles a packet that waits for something (see [`Conn::handle_now`]).
+    async fn handle(&mut self, p: Packet) -> Option<End> {
+        match p {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s).await;
+                None
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u).await;
+                None
+            }
+            p => self.handle_now(p),
+        }
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Option<End> {
+        match self.accept_publish(p) {
+            Ok(a) => self.publish_later(a).await,
+            Err(end) => end,
+        }
+    }
+
+    /// A PUBLISH queued on its ledger at once when that needs no waiting
+    /// (the common case: not retained, the topic's ledger is the one this
+    /// connection published to last, and it has room), so the hot path
+    /// makes no future; `Err` hands it to [`Conn::publish_later`].
+    fn publish_now(&mut self, p: Publish) -> Result<Option<End>, Box<Accepted>> {
+        let a = match self.accept_publish(p) {
+            Ok(a) => a,
+            Err(end) => return Ok(end),
+        };
+        let m = &a.0;
+        if m.retain
+            || self.acks.len() >= MAX_PENDING_PUBLISHES
+            || (m.payload_format == Some(1) && std::str::from_utf8(&m.payload).is_err())
+        {
+            return Err(a);
+        }
+        match self.shared.try_submit_publish(m, &self.last_ledger) {
+            Some(Ok(append)) => {
+                let (_, qos, pkid) = *a;
+                if qos == 2 {
+                    self.session.qos2_in.insert(pkid);
+                }
+                self.acks.push_back(PendingPublish { qos, pkid, append });
+                Ok(None)
+            }
+            // Errors are answered in order by the other path.
+            _ => Err(a),
+        }
+    }
+
+    /// The checks of a PUBLISH that need no waiting (topic alias, topic
+    /// name, a resent QoS 2 packet id, the receive maximum): `Ok` the
+    /// message to store, its QoS and packet id; `Err` it was answered or
+    /// ends the connection.
+    fn accept_publish(&mut self, mut p: Publish) -> Result<Box<Accepted>, Option<End>> {
         if self.v == Version::V5 {
             if let Some(alias) = p.properties.topic_alias {
                 if alias == 0 || alias > self.shared.config.topic_alias_maximum {
                     self.disconnect(ReasonCode::TopicAliasInvalid);
-                    return Some(End::WithWill);
+                    return Err(Some(End::WithWill));
                 }
                 if p.topic.is_empty() {
                     match self.aliases.get(&alias) {
                         Some(t) => p.topic = t.clone(),
                         None => {
                             self.disconnect(ReasonCode::ProtocolError);
-                            return Some(End::WithWill);
+                            return Err(Some(End::WithWill));
                         }
                     }
                 } else {
@@ -837,7 +913,7 @@ impl Conn {
         if map::validate_topic_name(&p.topic).is_err() {
             tracing::debug!(topic = %p.topic, "invalid topic name in PUBLISH");
             self.disconnect(ReasonCode::TopicNameInvalid);
-            return Some(End::WithWill);
+            return Err(Some(End::WithWill));
         }
         if p.qos == 2 {
             if self.session.qos2_in.contains(&p.pkid) {
@@ -850,11 +926,11 @@ impl Conn {
                 {
                     self.send_rec_comp(false, Packet::PubRec(Ack::ok(p.pkid)));
                 }
-                return None;
+                return Err(None);
             }
             if self.session.qos2_in.len() >= usize::from(self.shared.config.receive_maximum) {
                 self.disconnect(ReasonCode::ReceiveMaximumExceeded);
-                return Some(End::WithWill);
+                return Err(Some(End::WithWill));
             }
         }
         let m = MqttPublish {
@@ -870,11 +946,19 @@ impl Conn {
             correlation_data: p.properties.correlation_data,
             user_properties: p.properties.user,
         };
+        Ok(Box::new((m, p.qos, p.pkid)))
+    }
+
+    /// Stores an accepted PUBLISH, waiting where needed: answers every
+    /// earlier one first when this one is retained or invalid, waits for
+    /// room on the ledger, looks its topic up (creating it).
+    async fn publish_later(&mut self, a: Box<Accepted>) -> Option<End> {
+        let (m, qos, pkid) = *a;
         if m.payload_format == Some(1) && std::str::from_utf8(&m.payload).is_err() {
             if let Some(e) = self.drain_acks().await {
                 return Some(e);
             }
-            return self.publish_failed(p.qos, p.pkid, ReasonCode::PayloadFormatInvalid);
+            return self.publish_failed(qos, pkid, ReasonCode::PayloadFormatInvalid);
         }
         if m.retain {
             // A retained publish also replaces the topic's retained
@@ -884,10 +968,10 @@ impl Conn {
                 return Some(e);
             }
             let r = self.shared.publish(&m).await;
-            if p.qos == 2 && r.is_ok() {
-                self.session.qos2_in.insert(p.pkid);
+            if qos == 2 && r.is_ok() {
+                self.session.qos2_in.insert(pkid);
             }
-            return self.finish_publish(p.qos, p.pkid, r);
+            return self.finish_publish(qos, pkid, r);
         }
         // Pipelined: queue the append (in order on its ledger), read the
         // next packet, answer when it is durable.
@@ -899,14 +983,10 @@ impl Conn {
         }
         match self.shared.submit_publish(&m, &mut self.last_ledger).await {
             Ok(append) => {
-                if p.qos == 2 {
-                    self.session.qos2_in.insert(p.pkid);
+                if qos == 2 {
+                    self.session.qos2_in.insert(pkid);
                 }
-                self.acks.push_back(PendingPublish {
-                    qos: p.qos,
-                    pkid: p.pkid,
-                    append,
-                });
+                self.acks.push_back(PendingPublish { qos, pkid, append });
                 None
             }
             Err(e) => {
@@ -914,7 +994,7 @@ impl Conn {
                     return Some(end);
                 }
                 tracing::warn!(error = %e, topic = %m.topic, "publish failed");
-                self.publish_failed(p.qos, p.pkid, map::publish_error_reason(&e))
+                self.publish_failed(qos, pkid, map::publish_error_reason(&e))
             }
         }
     }

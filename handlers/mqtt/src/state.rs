@@ -456,6 +456,30 @@ impl Shared {
         Ok(pending)
     }
 
+    /// [`Shared::submit_publish`] without waiting, for a publish to the
+    /// topic of `last` (the caller's last ledger): `None` when it would wait
+    /// (for room on the ledger, or to look the topic up or create it), or
+    /// that ledger closed; then use `submit_publish`.
+    pub(crate) fn try_submit_publish(
+        &self,
+        p: &MqttPublish,
+        last: &LastLedger,
+    ) -> Option<Result<broker::PendingAppend, BrokerError>> {
+        debug_assert!(!p.retain);
+        let (_, ledger) = last.as_ref().filter(|(t, _)| *t == p.topic)?;
+        let now = now_ms();
+        let msg = map::publish_to_message(p, now);
+        match ledger.try_submit(single_entry(&msg, now)) {
+            Ok(Err(BrokerError::Closed)) | Err(_) => None,
+            Ok(r) => {
+                if r.is_ok() {
+                    of_qos(&self.published, p.qos).increment(1);
+                }
+                Some(r)
+            }
+        }
+    }
+
     /// The ledger an MQTT topic is published to, creating the topic on
     /// first use, and again if it was deleted (admin API, another
     /// protocol) since.
