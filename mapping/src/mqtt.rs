@@ -531,11 +531,17 @@ fn amqp_deadline(m: &Message) -> Option<i64> {
 /// expiration counted from `publish_time` first. `None`: it does not
 /// expire.
 pub fn expires_at(m: &Message) -> Option<i64> {
-    let own = || header_str(m, H_EXPIRES_AT).and_then(|s| s.parse::<i64>().ok());
-    if written_by_mqtt(m) {
-        own()
+    deadline(m, written_by_mqtt(m), header_str(m, H_EXPIRES_AT))
+}
+
+/// [`expires_at`] from the message's own [`H_EXPIRES_AT`] value (`own`:
+/// the MQTT handler wrote it).
+fn deadline(m: &Message, own: bool, expires_at: Option<&str>) -> Option<i64> {
+    let mqtt = expires_at.and_then(|s| s.parse::<i64>().ok());
+    if own {
+        mqtt
     } else {
-        amqp_deadline(m).or_else(own)
+        amqp_deadline(m).or(mqtt)
     }
 }
 
@@ -587,9 +593,7 @@ fn to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> (MqttPublish, O
             H_RETAIN => retain = retain.or(Some(utf8(v))),
             H_CLIENT_ID => client_id = client_id.or(Some(utf8(v))),
             H_EXPIRES_AT => own_expiry = own_expiry.or(Some(utf8(v))),
-            H_PAYLOAD_FORMAT => {
-                p.payload_format = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
-            }
+            H_PAYLOAD_FORMAT => p.payload_format = utf8(v).and_then(|s| s.parse().ok()),
             H_CONTENT_TYPE => p.content_type = as_mqtt_string(v).map(str::to_owned),
             H_RESPONSE_TOPIC => p.response_topic = as_mqtt_string(v).map(str::to_owned),
             H_CORRELATION_DATA => p.correlation_data = Some(v.clone()),
@@ -622,13 +626,7 @@ fn to_publish(m: &Message, fallback_topic: &str, now_ms: i64) -> (MqttPublish, O
     };
     p.retain = retain.flatten() == Some("1");
     p.client_id = client_id.flatten().map(str::to_owned);
-    let own_expiry = own_expiry.flatten().and_then(|s| s.parse::<i64>().ok());
-    // As `expires_at`: a foreign message's AMQP expiration first.
-    let at = if own {
-        own_expiry
-    } else {
-        amqp_deadline(m).or(own_expiry)
-    };
+    let at = deadline(m, own, own_expiry.flatten());
     p.message_expiry = at.map(|at| {
         let left = at.saturating_sub(now_ms).max(0);
         (left.saturating_add(999) / 1000).min(i64::from(u32::MAX)) as u32

@@ -64,21 +64,21 @@ impl ReadySet {
     /// Moves the queued tokens to the end of `into`, in the order they were
     /// queued; each can be queued again from now on.
     pub fn take_into(&self, into: &mut VecDeque<u32>) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let Ready { tokens, queued } = &mut *s;
-        for t in tokens.drain(..) {
-            queued[t as usize] = false;
-            into.push_back(t);
-        }
+        self.drain(|t| into.push_back(t));
     }
 
     /// Forgets the queued tokens, which can be queued again from now on (a
     /// reader of one ledger needs only the wake-up).
     pub fn clear(&self) {
+        self.drain(|_| {});
+    }
+
+    fn drain(&self, mut each: impl FnMut(u32)) {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let Ready { tokens, queued } = &mut *s;
         for t in tokens.drain(..) {
             queued[t as usize] = false;
+            each(t);
         }
     }
 

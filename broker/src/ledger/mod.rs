@@ -768,18 +768,7 @@ impl Ledger {
     /// # Errors
     /// As [`Ledger::append`], for what can be known before the write.
     pub async fn submit(&self, entry: AppendEntry) -> Result<PendingAppend> {
-        if entry.payload.len() > self.options.max_entry_bytes {
-            return Err(BrokerError::EntryTooLarge {
-                size: entry.payload.len(),
-                max: self.options.max_entry_bytes,
-            });
-        }
-        if entry.count == 0 {
-            return Err(BrokerError::InvalidArgument(
-                "entry with zero messages".into(),
-            ));
-        }
-        let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
+        let units = self.admit(&entry)?;
         let permit = self
             .budget
             .clone()
@@ -797,6 +786,24 @@ impl Ledger {
         })
     }
 
+    /// The checks of an append that need no writer, and the in-flight
+    /// budget units it holds (`payload / 1024 + 1`, at most the whole
+    /// budget).
+    fn admit(&self, entry: &AppendEntry) -> Result<u32> {
+        if entry.payload.len() > self.options.max_entry_bytes {
+            return Err(BrokerError::EntryTooLarge {
+                size: entry.payload.len(),
+                max: self.options.max_entry_bytes,
+            });
+        }
+        if entry.count == 0 {
+            return Err(BrokerError::InvalidArgument(
+                "entry with zero messages".into(),
+            ));
+        }
+        Ok(((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1)))
+    }
+
     /// [`Ledger::submit`] without waiting: `Err` gives the entry back when
     /// it would wait for room in the in-flight budget or the append queue
     /// (submit it then). `Ok(Err)` is an error known before the write, as
@@ -806,18 +813,10 @@ impl Ledger {
         &self,
         entry: AppendEntry,
     ) -> std::result::Result<Result<PendingAppend>, AppendEntry> {
-        if entry.payload.len() > self.options.max_entry_bytes {
-            return Ok(Err(BrokerError::EntryTooLarge {
-                size: entry.payload.len(),
-                max: self.options.max_entry_bytes,
-            }));
-        }
-        if entry.count == 0 {
-            return Ok(Err(BrokerError::InvalidArgument(
-                "entry with zero messages".into(),
-            )));
-        }
-        let units = ((entry.payload.len() / 1024 + 1) as u32).min(self.options.budget_units.max(1));
+        let units = match self.admit(&entry) {
+            Ok(u) => u,
+            Err(e) => return Ok(Err(e)),
+        };
         let permit = match self.budget.clone().try_acquire_many_owned(units) {
             Ok(p) => p,
             Err(tokio::sync::TryAcquireError::Closed) => return Ok(Err(BrokerError::Closed)),

@@ -6,7 +6,9 @@
 //! moves the connection wakes, takes the ready tokens, and reads those
 //! feeds while its in-flight window has room, so a slow client holds back
 //! only its own reads. There is no task, channel or allocation per
-//! partition or message between the ledger and the socket.
+//! partition or message between the ledger and the socket. A shared
+//! subscription's group reads each partition with a [`Feed`] too, one task
+//! per partition (`share`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -48,6 +50,30 @@ pub(crate) enum Step {
 }
 
 impl Feed {
+    /// A feed reading `ledger` from `next`, registered with `set` under
+    /// `token` (ready at once).
+    pub(crate) fn new(
+        key: FeedKey,
+        ledger: Arc<Ledger>,
+        cursor: Option<Arc<Cursor>>,
+        next: u64,
+        fallback: Arc<str>,
+        set: &Arc<ReadySet>,
+        token: u32,
+    ) -> Feed {
+        let follow = ledger.follow(set, token);
+        Feed {
+            key,
+            ledger,
+            cursor,
+            fallback,
+            next,
+            held: VecDeque::new(),
+            in_ready: false,
+            _follow: follow,
+        }
+    }
+
     /// The next message to deliver, reading the ledger when none is held.
     /// Messages the cursor already acknowledged are skipped; a message
     /// published with QoS 2 is handed out only once it is durable.
@@ -178,18 +204,9 @@ impl Feeds {
                 (self.slots.len() - 1) as u32
             }
         };
-        let follow = ledger.follow(&self.set, token);
         self.by_key.insert(key.clone(), token);
-        self.slots[token as usize] = Some(Box::new(Feed {
-            key,
-            ledger,
-            cursor,
-            fallback,
-            next,
-            held: VecDeque::new(),
-            in_ready: false,
-            _follow: follow,
-        }));
+        let feed = Feed::new(key, ledger, cursor, next, fallback, &self.set, token);
+        self.slots[token as usize] = Some(Box::new(feed));
     }
 
     /// Removes a feed (its ledger stops waking this connection for it).

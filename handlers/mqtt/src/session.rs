@@ -544,8 +544,13 @@ impl Conn {
                             Ok(end) => end,
                             Err(a) => Box::pin(self.publish_later(a)).await,
                         },
-                        p @ (Packet::Subscribe(_) | Packet::Unsubscribe(_)) => {
-                            Box::pin(self.handle(p)).await
+                        Packet::Subscribe(s) => {
+                            Box::pin(self.on_subscribe(s)).await;
+                            None
+                        }
+                        Packet::Unsubscribe(u) => {
+                            Box::pin(self.on_unsubscribe(u)).await;
+                            None
                         }
                         p => self.handle_now(p),
                     };
@@ -631,7 +636,8 @@ impl Conn {
                 Box::pin(self.store_held()).await;
             }
             self.flush(wr).await?;
-            let room = self.inflight.len() < self.window && self.pending.is_empty();
+            // (The write buffer was just flushed.)
+            let room = self.has_room();
             let groups = self.groups.clone();
             let pull = (room && !groups.is_empty()).then(|| Box::pin(pull_any(&groups)));
             let pulling = pull.is_some();
@@ -739,13 +745,14 @@ impl Conn {
         Ok(())
     }
 
-    /// Handles one packet; `Some` ends the connection.
     /// Handles a packet that needs no waiting (acknowledgements, pings,
-    /// DISCONNECT, protocol errors) without making a future for it.
-    /// PUBLISH, SUBSCRIBE and UNSUBSCRIBE go to [`Conn::handle`].
+    /// DISCONNECT, protocol errors) without making a future for it; `Some`
+    /// ends the connection.
+    /// PUBLISH, SUBSCRIBE and UNSUBSCRIBE are handled by the caller
+    /// (`handle_buffered`).
     fn handle_now(&mut self, p: Packet) -> Option<End> {
         match p {
-            // Never passed here (see above).
+            // Never passed here.
             Packet::Publish(_) | Packet::Subscribe(_) | Packet::Unsubscribe(_) => {}
             Packet::PubAck(a) => {
                 if let Some(f) = self.inflight.get(&a.pkid) {
@@ -831,29 +838,6 @@ impl Conn {
             }
         }
         None
-    }
-
-    /// Handles a packet that waits for something (see [`Conn::handle_now`]).
-    async fn handle(&mut self, p: Packet) -> Option<End> {
-        match p {
-            Packet::Publish(p) => self.on_publish(p).await,
-            Packet::Subscribe(s) => {
-                self.on_subscribe(s).await;
-                None
-            }
-            Packet::Unsubscribe(u) => {
-                self.on_unsubscribe(u).await;
-                None
-            }
-            p => self.handle_now(p),
-        }
-    }
-
-    async fn on_publish(&mut self, p: Publish) -> Option<End> {
-        match self.accept_publish(p) {
-            Ok(a) => self.publish_later(a).await,
-            Err(end) => end,
-        }
     }
 
     /// A PUBLISH queued on its ledger at once when that needs no waiting

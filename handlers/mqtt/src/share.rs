@@ -20,13 +20,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use std::time::Duration;
-
-use broker::{BrokerError, Cursor, InitialPosition, Ledger, Message, ReadySet};
+use broker::{Cursor, InitialPosition, Ledger, Message, ReadySet};
 use mapping::mqtt as map;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use crate::feeds::{Feed, Step};
 use crate::state::{FeedKey, KnownTopic, Shared};
 
 struct GroupRx {
@@ -144,14 +143,17 @@ impl Group {
                 }
             };
             let next = cursor.mark_delete();
-            let task = tokio::spawn(feed(
-                ledger.clone(),
+            let ready = ReadySet::new();
+            let f = Feed::new(
                 key.clone(),
+                ledger.clone(),
                 Some(cursor),
                 next,
                 k.mqtt.clone(),
-                self.tx.clone(),
-            ));
+                &ready,
+                0,
+            );
+            let task = tokio::spawn(feed(f, ready, self.tx.clone()));
             if let Some((old, _)) = feeds.insert(key, (task.abort_handle(), ledger)) {
                 old.abort();
             }
@@ -283,88 +285,39 @@ pub(crate) struct Delivery {
     pub(crate) fallback: Arc<str>,
 }
 
-/// Reads one partition from `next` on and hands messages to the
-/// group, skipping those the cursor already acknowledged.
-async fn feed(
-    ledger: Arc<Ledger>,
-    key: FeedKey,
-    cursor: Option<Arc<Cursor>>,
-    mut next: u64,
-    fallback: Arc<str>,
-    tx: mpsc::Sender<Box<Delivery>>,
-) {
-    // Woken when the ledger's end moves and when it closes (its topic
-    // deleted): the feed then ends.
-    let ready = ReadySet::new();
-    let _follow = ledger.follow(&ready, 0);
+/// Reads one partition and hands its messages to the group (the reading,
+/// the skipping of acknowledged messages and the durability of QoS 2 are
+/// [`Feed::next`]'s); ends when the ledger closes (its topic deleted) or
+/// the group's queue is gone.
+async fn feed(mut f: Feed, ready: Arc<ReadySet>, tx: mpsc::Sender<Box<Delivery>>) {
+    // The token is cleared before the feed looks at the end again, and the
+    // task waits only if it is still caught up then: an append from then
+    // on queues the token again and wakes the wait.
+    let mut cleared = false;
     loop {
-        // Cleared before the end is looked at: an append from now on
-        // queues the token again and wakes the wait below.
-        ready.clear();
-        if ledger.is_closed() {
-            return;
-        }
-        let entries = match ledger.read(next, 256 * 1024).await {
-            Ok(e) if e.is_empty() => {
-                ready.wait().await;
-                continue;
-            }
-            Ok(e) => e,
-            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => {
-                if next < start {
-                    next = start;
-                } else if next > end {
-                    next = end;
-                } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                continue;
-            }
-            Err(BrokerError::Closed) => return,
-            Err(e) => {
-                tracing::warn!(ledger = ledger.name(), error = %e, "feed read failed");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        for e in entries {
-            let msgs = match mapping::entry_messages(&e) {
-                Ok(m) => m,
-                Err(err) => {
-                    tracing::warn!(ledger = ledger.name(), offset = e.base_offset, error = %err, "skipping unreadable entry");
-                    next = next.max(e.base_offset + u64::from(e.count));
-                    continue;
-                }
-            };
-            let end = e.base_offset + u64::from(e.count);
-            if end > ledger.durable_end() && msgs.iter().any(map::published_exactly_once) {
-                // Entries are readable before they are durable; QoS 2 is
-                // forwarded only once it would survive a crash.
-                if ledger.wait_durable(end).await.is_err() {
-                    return;
-                }
-            }
-            for (i, msg) in msgs.into_iter().enumerate() {
-                let off = e.base_offset + i as u64;
-                if off < next {
-                    continue;
-                }
-                next = off + 1;
-                if cursor.as_ref().is_some_and(|c| c.is_acked(off)) {
-                    continue;
-                }
+        match f.next().await {
+            Step::Message(offset, msg) => {
+                cleared = false;
                 let d = Box::new(Delivery {
-                    key: key.clone(),
-                    cursor: cursor.clone(),
-                    offset: off,
+                    key: f.key.clone(),
+                    cursor: f.cursor.clone(),
+                    offset,
                     msg,
-                    fallback: fallback.clone(),
+                    fallback: f.fallback.clone(),
                 });
                 if tx.send(d).await.is_err() {
                     return;
                 }
             }
-            next = next.max(e.base_offset + u64::from(e.count));
+            Step::CaughtUp if cleared => {
+                ready.wait().await;
+                cleared = false;
+            }
+            Step::CaughtUp => {
+                ready.clear();
+                cleared = true;
+            }
+            Step::Closed => return,
         }
     }
 }

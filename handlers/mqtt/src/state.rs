@@ -431,9 +431,7 @@ impl Shared {
         last: &mut LastLedger,
     ) -> Result<broker::PendingAppend, BrokerError> {
         debug_assert!(!p.retain);
-        let now = now_ms();
-        let msg = map::publish_to_message(p, now);
-        let entry = single_entry(&msg, now);
+        let entry = publish_entry(p);
         let cached = last.as_ref().filter(|(t, _)| *t == p.topic);
         let pending = match cached {
             Some((_, l)) => match l.submit(entry.clone()).await {
@@ -467,9 +465,7 @@ impl Shared {
     ) -> Option<Result<broker::PendingAppend, BrokerError>> {
         debug_assert!(!p.retain);
         let (_, ledger) = last.as_ref().filter(|(t, _)| *t == p.topic)?;
-        let now = now_ms();
-        let msg = map::publish_to_message(p, now);
-        match ledger.try_submit(single_entry(&msg, now)) {
+        match ledger.try_submit(publish_entry(p)) {
             Ok(Err(BrokerError::Closed)) | Err(_) => None,
             Ok(r) => {
                 if r.is_ok() {
@@ -887,6 +883,12 @@ pub(crate) fn qos_label(q: u8) -> &'static str {
         1 => "1",
         _ => "2",
     }
+}
+
+/// The entry that stores an MQTT publish, stamped now.
+fn publish_entry(p: &MqttPublish) -> AppendEntry {
+    let now = now_ms();
+    single_entry(&map::publish_to_message(p, now), now)
 }
 
 fn single_entry(msg: &Message, now: i64) -> AppendEntry {

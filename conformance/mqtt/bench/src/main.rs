@@ -30,7 +30,9 @@
 //!   keep-alive 600 s, nothing else) and the broker's RSS
 //!   (`/proc/PID/status`) before and after, divided by the count.
 //!
-//! Prints a Markdown table (ratios against `--baseline`) on stdout.
+//! Prints a Markdown table (ratios against `--baseline`) on stdout. With
+//! `MQTT_BENCH_SPREAD` set, each load run also prints its latency
+//! percentiles (p50 to p99.9) on stderr, for looking at the tail.
 
 use std::collections::HashMap;
 use std::io;
