@@ -297,6 +297,27 @@ async fn tailing_read_wakes_on_append_without_polling() {
 }
 
 #[tokio::test]
+async fn a_tailing_read_ends_when_the_ledger_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = open(dir.path(), policy(1 << 20));
+    l.append(entry("one", 1, 0)).await.unwrap();
+    let reader = {
+        let l = l.clone();
+        tokio::spawn(async move { l.read_or_wait(1, 100, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!reader.is_finished());
+    let t0 = std::time::Instant::now();
+    l.close().await;
+    let got = tokio::time::timeout(Duration::from_secs(5), reader)
+        .await
+        .expect("the reader returns when the ledger closes, not after its 30 s")
+        .unwrap();
+    assert!(matches!(got, Err(BrokerError::Closed)), "{got:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
 async fn a_follower_is_woken_with_its_token_by_appends_and_by_close() {
     use std::collections::VecDeque;
     let dir = tempfile::tempdir().unwrap();

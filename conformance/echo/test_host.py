@@ -3,6 +3,7 @@ handler on the ledger, started from the real binary, plus the admin API,
 restart durability, SIGKILL durability, connection limits and config errors."""
 
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -165,6 +166,17 @@ def test_config_cli(tmp_path):
     bad.write_text('[broker.default_policy]\nfsync = "sometimes"\n')
     r = run("config", "check", str(bad))
     assert r.returncode == 2 and "sometimes" in r.stderr
+
+
+def test_the_bare_command_reads_its_config_from_the_environment(tmp_path):
+    """`manifold` with no subcommand is `manifold serve`, MANIFOLD_CONFIG
+    included: a bad file named there is refused, not replaced by the
+    embedded default (which would start on the default ports)."""
+    bad = tmp_path / "env-bad.toml"
+    bad.write_text('[admin]\nlisten = "127.0.0.1:1"\nlisen = 3\n')
+    env = dict(os.environ, MANIFOLD_CONFIG=str(bad), MANIFOLD_LOG="warn")
+    r = subprocess.run([str(binary())], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 2 and "env-bad.toml" in r.stderr and "lisen" in r.stderr
 
 
 def test_two_handlers_on_one_address_fail_at_start(tmp_path):

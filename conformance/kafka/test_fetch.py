@@ -80,3 +80,26 @@ def test_min_bytes_waits_across_partial_data_and_wakes_on_produce(kafka_gw, topi
     assert 0.5 <= waited < 5
     assert parse_fetch_v4(data)[2] == 0
     r.close()
+
+
+def test_a_waiting_fetch_ends_when_its_topic_is_deleted(kafka_gw, topic_name):
+    from kafka.admin import KafkaAdminClient
+
+    port = kafka_gw.port("kafka")
+    ensure_topic(port, topic_name)
+    produce(port, topic_name, [(b"k", b"v", [])])
+    # At the end of the partition with a long max_wait: the Fetch waits.
+    r = Raw(port, timeout=20)
+    t0 = time.monotonic()
+    r.request(FETCH, 4, fetch_v4(topic_name, 0, 1, min_bytes=1, max_wait_ms=10000))
+    time.sleep(0.5)
+    admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
+    admin.delete_topics([topic_name])
+    admin.close()
+    _corr, data = r.response()
+    elapsed = time.monotonic() - t0
+    # Answered when the topic went, not after the 10 s wait.
+    assert elapsed < 5, f"the Fetch waited {elapsed:.2f}s on a deleted topic"
+    _err, _hw, nbytes = parse_fetch_v4(data)
+    assert nbytes == 0
+    r.close()

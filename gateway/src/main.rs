@@ -22,7 +22,7 @@ enum Command {
     Config(ConfigCommand),
 }
 
-#[derive(clap::Args, Debug, Default)]
+#[derive(clap::Args, Debug)]
 struct ServeArgs {
     /// Configuration file (default: the embedded standalone config).
     #[arg(long, short, env = "MANIFOLD_CONFIG")]
@@ -72,7 +72,11 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Serve(args)) => serve(args),
-        None => serve(ServeArgs::default()),
+        // The bare command is `serve`, with its environment variables.
+        None => serve(ServeArgs {
+            config: std::env::var_os("MANIFOLD_CONFIG").map(PathBuf::from),
+            log_level: std::env::var("MANIFOLD_LOG").ok(),
+        }),
     }
 }
 

@@ -946,10 +946,11 @@ impl Ledger {
     }
 
     /// Like [`Ledger::read`], but if `from` is at the end, waits up to
-    /// `timeout` for new entries (woken as soon as they are durable).
+    /// `timeout` for new entries (woken as soon as they are written), or
+    /// until the ledger closes.
     ///
     /// # Errors
-    /// As [`Ledger::read`].
+    /// As [`Ledger::read`]; [`BrokerError::Closed`] once the ledger closed.
     pub async fn read_or_wait(
         self: &Arc<Self>,
         from: u64,
@@ -958,10 +959,15 @@ impl Ledger {
     ) -> Result<Vec<Entry>> {
         let mut rx = self.watch_end();
         if *rx.borrow_and_update() <= from {
-            let waited = tokio::time::timeout(timeout, rx.wait_for(|&end| end > from)).await;
+            let waited = tokio::time::timeout(
+                timeout,
+                rx.wait_for(|&end| end > from || self.is_closed()),
+            )
+            .await;
             match waited {
                 Err(_) => return Ok(Vec::new()),
                 Ok(Err(_)) => return Err(BrokerError::Closed),
+                Ok(Ok(_)) if self.is_closed() => return Err(BrokerError::Closed),
                 Ok(Ok(_)) => {}
             }
         }
@@ -1088,6 +1094,9 @@ impl Ledger {
         // The writer has stopped: give the cache's share of the budget back.
         self.tail.write().unwrap_or_else(|e| e.into_inner()).clear();
         self.followers.wake();
+        // Tailing readers waiting on the end (`watch_end`) look again and
+        // find the ledger closed.
+        self.end_tx.send_modify(|_| {});
     }
 
     /// Whether [`Ledger::close`] (or a delete) has begun: a follower stops

@@ -709,7 +709,9 @@ impl Queue {
         let mut rounds = 0u32;
         loop {
             if let Err(e) = self.fill().await {
-                if self.is_deleted() {
+                // A closed ledger (the queue deleted, the gateway stopping)
+                // has nothing more to read.
+                if self.is_deleted() || self.ledger.is_closed() {
                     return;
                 }
                 tracing::warn!(queue = %self.name, error = %e, "queue read failed");

@@ -89,8 +89,11 @@ pub(crate) async fn fetch(state: &Arc<State>, req: FetchRequest, _version: i16) 
             if let Some((l, off)) = &g.waiter {
                 let mut rx = l.watch_end();
                 let off = *off;
+                let l = l.clone();
+                // A closed ledger (its topic deleted) ends the wait too:
+                // the next read answers with the topic's error.
                 set.spawn(async move {
-                    let _ = rx.wait_for(|&end| end > off).await;
+                    let _ = rx.wait_for(|&end| end > off || l.is_closed()).await;
                 });
             }
         }
@@ -171,7 +174,9 @@ async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got
             topic: w.topic.clone(),
             data: base.with_records(Some(Default::default())),
             bytes: 0,
-            waiter: (offset == end).then(|| (ledger.clone(), offset)),
+            // A closed ledger (topic deleted, gateway stopping) gets no
+            // more data: nothing to wait for.
+            waiter: (offset == end && !ledger.is_closed()).then(|| (ledger.clone(), offset)),
         };
     }
     let entries = match ledger.read(offset, limit.max(1)).await {
@@ -204,7 +209,7 @@ async fn read_one(state: &State, w: &Want, remaining: usize, first: bool) -> Got
         // Below min_bytes, the Fetch waits for anything appended after
         // what this read saw, on every partition (data that arrives on a
         // partition that already returned some counts too).
-        waiter: Some((ledger.clone(), end)),
+        waiter: (!ledger.is_closed()).then(|| (ledger.clone(), end)),
     }
 }
 
