@@ -19,5 +19,5 @@ pub use ledger::{
     AppendEntry, Appended, Backlog, CacheBudget, Cursor, CursorOptions, Entry, Follow,
     InitialPosition, Journal, JournalOptions, Ledger, LedgerOptions, PendingAppend, ReadySet,
 };
-pub use message::{EntryFormat, Message, ProducerInfo};
+pub use message::{EntryFormat, HeaderName, Message, ProducerInfo};
 pub use topic::{FsyncPolicy, NamespaceName, NamespacePolicy, TopicConfig, TopicMeta, TopicName};

@@ -19,8 +19,8 @@
 //! ```
 //!
 //! Decoding never allocates more than the input holds: every length is
-//! checked against the bytes that remain, and payloads are zero-copy slices
-//! of the input buffer.
+//! checked against the bytes that remain, and payloads, keys, header names
+//! and values are zero-copy slices of the input buffer.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -58,6 +58,108 @@ pub struct ProducerInfo {
     pub sequence: i64,
 }
 
+/// The name of a header: UTF-8 text kept as [`Bytes`], so that names
+/// decoded from a stored batch are slices of it and names a protocol
+/// mapping sets are static strings. Reading a message's headers allocates
+/// nothing per name (an MQTT delivery decodes three or more per message and
+/// subscriber).
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HeaderName(Bytes);
+
+impl HeaderName {
+    /// A name that is a static string (no allocation).
+    pub const fn from_static(name: &'static str) -> HeaderName {
+        HeaderName(Bytes::from_static(name.as_bytes()))
+    }
+
+    /// The name, if `bytes` is UTF-8 (a slice of `bytes`, no copy).
+    pub fn from_utf8(bytes: Bytes) -> Option<HeaderName> {
+        std::str::from_utf8(&bytes).ok()?;
+        Some(HeaderName(bytes))
+    }
+
+    /// The name as text.
+    #[allow(unsafe_code)]
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor takes a `&str` or `String`, or checks
+        // the bytes with `str::from_utf8` first, and the bytes never change.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl std::ops::Deref for HeaderName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for HeaderName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::hash::Hash for HeaderName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for HeaderName {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&'static str> for HeaderName {
+    fn from(name: &'static str) -> HeaderName {
+        HeaderName::from_static(name)
+    }
+}
+
+impl From<String> for HeaderName {
+    fn from(name: String) -> HeaderName {
+        HeaderName(Bytes::from(name))
+    }
+}
+
+impl PartialEq<str> for HeaderName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for HeaderName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<HeaderName> for str {
+    fn eq(&self, other: &HeaderName) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl PartialEq<HeaderName> for &str {
+    fn eq(&self, other: &HeaderName) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl std::fmt::Debug for HeaderName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One message, independent of the protocol it arrived with.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
@@ -66,7 +168,7 @@ pub struct Message {
     /// The message body.
     pub payload: Bytes,
     /// Headers / properties / user properties, in order; names may repeat.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(HeaderName, Bytes)>,
     /// Time the producer says the event happened (ms since the Unix epoch).
     pub event_time: Option<i64>,
     /// Time the broker accepted the message (ms since the Unix epoch).
@@ -91,7 +193,10 @@ impl Message {
 
     /// The first header with the given name.
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.headers
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, v)| v)
     }
 
     fn encoded_len_hint(&self) -> usize {
@@ -176,8 +281,8 @@ pub fn encode_batch(messages: &[Message]) -> Bytes {
     buf.freeze()
 }
 
-/// Decodes a batch produced by [`encode_batch`]. Payloads, keys and header
-/// values are zero-copy slices of `data`.
+/// Decodes a batch produced by [`encode_batch`]. Payloads, keys, header
+/// names and values are zero-copy slices of `data`.
 ///
 /// # Errors
 /// [`BrokerError::Malformed`] if the input is truncated, has trailing bytes,
@@ -216,7 +321,8 @@ pub fn decode_batch(data: &Bytes) -> Result<Vec<Message>> {
         }
         let mut headers = Vec::with_capacity(header_count as usize);
         for _ in 0..header_count {
-            let name = r.string()?;
+            let name = HeaderName::from_utf8(r.bytes()?)
+                .ok_or(BrokerError::Malformed("header name is not UTF-8"))?;
             let value = r.bytes()?;
             headers.push((name, value));
         }
@@ -344,7 +450,7 @@ mod tests {
                 |(key, payload, headers, event_time, publish_time, p, ok, rf)| Message {
                     key,
                     payload,
-                    headers,
+                    headers: headers.into_iter().map(|(n, v): (String, Bytes)| (n.into(), v)).collect(),
                     event_time,
                     publish_time,
                     producer: p.map(|(id, sequence)| ProducerInfo { id, sequence }),
@@ -352,6 +458,45 @@ mod tests {
                     replicated_from: rf,
                 },
             )
+    }
+
+    #[test]
+    fn header_names_are_text_and_look_up_as_str() {
+        let m = Message {
+            headers: vec![
+                (HeaderName::from_static("a"), Bytes::from_static(b"1")),
+                ("b".to_string().into(), Bytes::from_static(b"2")),
+            ],
+            ..Message::default()
+        };
+        let enc = encode_batch(std::slice::from_ref(&m));
+        let dec = decode_batch(&enc).unwrap();
+        assert_eq!(dec[0], m);
+        assert_eq!(dec[0].header("b").map(|v| &v[..]), Some(&b"2"[..]));
+        assert!(dec[0].headers[0].0 == "a");
+        assert!("a" == dec[0].headers[0].0);
+        // `Borrow<str>`: hashed and compared as the text.
+        let set: std::collections::HashSet<HeaderName> =
+            dec[0].headers.iter().map(|(n, _)| n.clone()).collect();
+        assert!(set.contains("a") && set.contains("b") && !set.contains("c"));
+        assert_eq!(format!("{}/{:?}", dec[0].headers[1].0, dec[0].headers[1].0), "b/\"b\"");
+    }
+
+    #[test]
+    fn a_header_name_that_is_not_utf8_is_refused() {
+        let m = Message {
+            headers: vec![(HeaderName::from_static("zz"), Bytes::new())],
+            ..Message::default()
+        };
+        let enc = encode_batch(&[m]).to_vec();
+        let at = enc.windows(2).position(|w| w == b"zz").unwrap();
+        let mut bad = enc.clone();
+        bad[at] = 0xff;
+        assert!(matches!(
+            decode_batch(&Bytes::from(bad)),
+            Err(BrokerError::Malformed(_))
+        ));
+        assert!(HeaderName::from_utf8(Bytes::from_static(b"\xff")).is_none());
     }
 
     proptest! {

@@ -76,7 +76,7 @@
 //! | app-id                | `amqp.app-id`           | UTF-8 |
 //! | cluster-id            | `amqp.cluster-id`       | UTF-8 |
 
-use broker::{BrokerError, Message, NamespaceName, TopicName};
+use broker::{BrokerError, HeaderName, Message, NamespaceName, TopicName};
 use bytes::Bytes;
 
 use crate::interop::{self, as_shortstr};
@@ -326,10 +326,10 @@ fn s(v: &str) -> Bytes {
 /// The core message for a published AMQP message (`now_ms`: publish time).
 pub fn to_message(m: &AmqpMessage, now_ms: i64) -> Message {
     let p = &m.properties;
-    let mut h: Vec<(String, Bytes)> = Vec::with_capacity(4);
+    let mut h: Vec<(HeaderName, Bytes)> = Vec::with_capacity(4);
     h.push((H_EXCHANGE.into(), s(&m.exchange)));
     h.push((H_ROUTING_KEY.into(), s(&m.routing_key)));
-    let mut opt = |name: &str, v: &Option<String>| {
+    let mut opt = |name: &'static str, v: &Option<String>| {
         if let Some(v) = v {
             h.push((name.into(), s(v)));
         }
@@ -358,7 +358,7 @@ pub fn to_message(m: &AmqpMessage, now_ms: i64) -> Message {
     }
     for (n, v) in &p.string_headers {
         if !n.starts_with(H_PREFIX) && !n.starts_with(mqtt::RESERVED_PREFIX) {
-            h.push((n.clone(), v.clone()));
+            h.push((n.clone().into(), v.clone()));
         }
     }
     Message {
@@ -450,7 +450,7 @@ pub fn from_message(m: &Message, queue: &str) -> AmqpMessage {
         m.headers
             .iter()
             .filter(|(n, _)| !n.starts_with(H_PREFIX) && !foreign.used.contains(&n.as_str()))
-            .cloned()
+            .map(|(n, v)| (n.to_string(), v.clone()))
             .chain(foreign.extra)
             .collect()
     };

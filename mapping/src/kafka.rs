@@ -777,7 +777,7 @@ pub fn batch_to_messages(batch: &Bytes) -> Result<Vec<Message>, String> {
                 headers: r
                     .headers
                     .into_iter()
-                    .map(|(n, v)| (n, v.unwrap_or_default()))
+                    .map(|(n, v)| (n.into(), v.unwrap_or_default()))
                     .collect(),
                 event_time,
                 publish_time,
@@ -876,7 +876,7 @@ mod tests {
             payload: Bytes::copy_from_slice(value.as_bytes()),
             headers: headers
                 .iter()
-                .map(|(n, v)| (n.to_string(), Bytes::copy_from_slice(v.as_bytes())))
+                .map(|(n, v)| (n.to_string().into(), Bytes::copy_from_slice(v.as_bytes())))
                 .collect(),
             event_time: Some(ts),
             publish_time: ts,
@@ -1050,7 +1050,7 @@ mod tests {
             .prop_map(|(k, v, h, ts)| Message {
                 key: k.map(Bytes::from),
                 payload: Bytes::from(v),
-                headers: h.into_iter().map(|(n, v)| (n, Bytes::from(v))).collect(),
+                headers: h.into_iter().map(|(n, v)| (n.into(), Bytes::from(v))).collect(),
                 event_time: Some(ts),
                 publish_time: ts,
                 ..Message::default()

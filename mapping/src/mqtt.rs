@@ -75,7 +75,7 @@
 //! | `amqp.reply-to` `r` | Response Topic: the MQTT topic of queue `r`'s topic, `a.b` -> `a/b` ([`crate::interop::response_topic_for_reply_to`]); kept as a user property if there is none |
 //! | `amqp.expiration` (ms) | Message Expiry Interval: what is left of `publish_time` + expiration, in seconds rounded up; the message is not delivered once that has passed ([`is_expired`]) |
 
-use broker::{BrokerError, Message, NamespaceName, TopicName};
+use broker::{BrokerError, HeaderName, Message, NamespaceName, TopicName};
 use bytes::Bytes;
 
 use crate::amqp;
@@ -413,7 +413,7 @@ pub struct MqttPublish {
 
 /// Builds the stored message of an MQTT publish accepted at `now_ms`.
 pub fn publish_to_message(p: &MqttPublish, now_ms: i64) -> Message {
-    let mut headers: Vec<(String, Bytes)> = Vec::with_capacity(4 + p.user_properties.len());
+    let mut headers: Vec<(HeaderName, Bytes)> = Vec::with_capacity(4 + p.user_properties.len());
     headers.push((H_TOPIC.into(), Bytes::copy_from_slice(p.topic.as_bytes())));
     headers.push((H_QOS.into(), Bytes::from_static(qos_str(p.qos))));
     if p.retain {
@@ -447,7 +447,7 @@ pub fn publish_to_message(p: &MqttPublish, now_ms: i64) -> Message {
         } else {
             n.clone()
         };
-        headers.push((name, Bytes::copy_from_slice(v.as_bytes())));
+        headers.push((name.into(), Bytes::copy_from_slice(v.as_bytes())));
     }
     Message {
         payload: p.payload.clone(),
