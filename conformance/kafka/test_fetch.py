@@ -43,16 +43,22 @@ def produce(port, topic, records):
     r.close()
 
 
+def start_fetch(port, topic, record, offset, min_bytes, max_wait_ms):
+    """A topic holding `record`, and a Fetch of it sent (not answered):
+    -> (connection, time sent)."""
+    ensure_topic(port, topic)
+    produce(port, topic, [record])
+    r = Raw(port, timeout=max_wait_ms / 1000 + 10)
+    t0 = time.monotonic()
+    r.request(FETCH, 4, fetch_v4(topic, 0, offset, min_bytes=min_bytes, max_wait_ms=max_wait_ms))
+    return r, t0
+
+
 def test_min_bytes_waits_across_partial_data_and_wakes_on_produce(kafka_gw, topic_name):
     port = kafka_gw.port("kafka")
-    ensure_topic(port, topic_name)
-    produce(port, topic_name, [(b"k", b"small", [])])
-
     # Some data but below min_bytes: the Fetch must wait, and a produce
     # during the wait must end it (long before max_wait).
-    r = Raw(port, timeout=15)
-    t0 = time.monotonic()
-    r.request(FETCH, 4, fetch_v4(topic_name, 0, 0, min_bytes=4000, max_wait_ms=8000))
+    r, t0 = start_fetch(port, topic_name, (b"k", b"small", []), 0, min_bytes=4000, max_wait_ms=8000)
     later = threading.Timer(
         0.8, produce, (port, topic_name, [(b"k", b"x" * 1024, []) for _ in range(6)]))
     later.start()
@@ -86,12 +92,8 @@ def test_a_waiting_fetch_ends_when_its_topic_is_deleted(kafka_gw, topic_name):
     from kafka.admin import KafkaAdminClient
 
     port = kafka_gw.port("kafka")
-    ensure_topic(port, topic_name)
-    produce(port, topic_name, [(b"k", b"v", [])])
     # At the end of the partition with a long max_wait: the Fetch waits.
-    r = Raw(port, timeout=20)
-    t0 = time.monotonic()
-    r.request(FETCH, 4, fetch_v4(topic_name, 0, 1, min_bytes=1, max_wait_ms=10000))
+    r, t0 = start_fetch(port, topic_name, (b"k", b"v", []), 1, min_bytes=1, max_wait_ms=10000)
     time.sleep(0.5)
     admin = KafkaAdminClient(bootstrap_servers=f"127.0.0.1:{port}")
     admin.delete_topics([topic_name])
