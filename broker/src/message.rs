@@ -450,7 +450,10 @@ mod tests {
                 |(key, payload, headers, event_time, publish_time, p, ok, rf)| Message {
                     key,
                     payload,
-                    headers: headers.into_iter().map(|(n, v): (String, Bytes)| (n.into(), v)).collect(),
+                    headers: headers
+                        .into_iter()
+                        .map(|(n, v): (String, Bytes)| (n.into(), v))
+                        .collect(),
                     event_time,
                     publish_time,
                     producer: p.map(|(id, sequence)| ProducerInfo { id, sequence }),
@@ -479,7 +482,10 @@ mod tests {
         let set: std::collections::HashSet<HeaderName> =
             dec[0].headers.iter().map(|(n, _)| n.clone()).collect();
         assert!(set.contains("a") && set.contains("b") && !set.contains("c"));
-        assert_eq!(format!("{}/{:?}", dec[0].headers[1].0, dec[0].headers[1].0), "b/\"b\"");
+        assert_eq!(
+            format!("{}/{:?}", dec[0].headers[1].0, dec[0].headers[1].0),
+            "b/\"b\""
+        );
     }
 
     #[test]

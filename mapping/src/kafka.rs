@@ -1050,7 +1050,10 @@ mod tests {
             .prop_map(|(k, v, h, ts)| Message {
                 key: k.map(Bytes::from),
                 payload: Bytes::from(v),
-                headers: h.into_iter().map(|(n, v)| (n.into(), Bytes::from(v))).collect(),
+                headers: h
+                    .into_iter()
+                    .map(|(n, v)| (n.into(), Bytes::from(v)))
+                    .collect(),
                 event_time: Some(ts),
                 publish_time: ts,
                 ..Message::default()

@@ -959,11 +959,9 @@ impl Ledger {
     ) -> Result<Vec<Entry>> {
         let mut rx = self.watch_end();
         if *rx.borrow_and_update() <= from {
-            let waited = tokio::time::timeout(
-                timeout,
-                rx.wait_for(|&end| end > from || self.is_closed()),
-            )
-            .await;
+            let waited =
+                tokio::time::timeout(timeout, rx.wait_for(|&end| end > from || self.is_closed()))
+                    .await;
             match waited {
                 Err(_) => return Ok(Vec::new()),
                 Ok(Err(_)) => return Err(BrokerError::Closed),
