@@ -57,6 +57,18 @@ if ! cargo build --release --workspace --bins; then
   echo "0 passed, 1 failed"
   exit 1
 fi
+# Formatting counts as one check (rustfmt ships with the toolchain; a
+# toolchain without it says so and skips the check).
+if cargo fmt --version >/dev/null 2>&1; then
+  say "cargo fmt --all -- --check"
+  if cargo fmt --all -- --check >/dev/null; then
+    passed=$((passed + 1)); echo "format: ok"
+  else
+    failed=$((failed + 1)); echo "format: unformatted code (run cargo fmt --all)"
+  fi
+else
+  echo "format: not checked (no rustfmt in this toolchain)"
+fi
 say "cargo test --release --workspace --no-fail-fast"
 cargo test --release --workspace --no-fail-fast 2>&1 | tee "$logs/cargo-test.log"
 cargo_rc=${PIPESTATUS[0]}
