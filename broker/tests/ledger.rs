@@ -105,6 +105,37 @@ async fn the_zeros_kept_ahead_of_appends_are_the_clean_end_after_a_crash() {
 }
 
 #[tokio::test]
+async fn small_appends_past_the_first_mebibyte_keep_zeros_ahead_and_their_bytes() {
+    // The writer extends the zeros in steps between runs; none of them may
+    // land on an entry, and they must keep ahead of 3 MiB of small appends.
+    let dir = tempfile::tempdir().unwrap();
+    let seg = dir.path().join("00000000000000000000.log");
+    let l = open(dir.path(), policy(64 << 20));
+    let n = 3 * 1024 * 1024 / 1000;
+    let body = |i: usize| vec![(i % 251) as u8 + 1; 1000]; // no zero byte
+    for i in 0..n {
+        l.append(entry(body(i), 1, 0)).await.unwrap();
+        if i % 500 == 499 {
+            let logical = l.stats().size_bytes;
+            let on_disk = std::fs::metadata(&seg).unwrap().len();
+            assert!(on_disk > logical, "after {i}: {on_disk} vs {logical}");
+        }
+    }
+    let all = l.read(0, 8 << 20).await.unwrap();
+    assert_eq!(all.len(), n);
+    for (i, e) in all.iter().enumerate() {
+        assert_eq!(e.payload.as_ref(), &body(i)[..], "entry {i}");
+    }
+    l.close().await;
+    // And after a reopen, from the file.
+    let l = open(dir.path(), policy(64 << 20));
+    assert_eq!(l.end_offset(), n as u64);
+    let e = l.read(n as u64 - 1, 1).await.unwrap();
+    assert_eq!(e[0].payload.as_ref(), &body(n - 1)[..]);
+    l.close().await;
+}
+
+#[tokio::test]
 async fn sealed_segments_end_at_their_last_entry() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path(), policy(4096));
