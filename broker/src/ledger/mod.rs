@@ -1509,7 +1509,12 @@ impl Writer {
                         continue;
                     }
                     _ = tick.tick(), if self.dirty && interval => {
-                        self = self.blocking(|mut w| { let r = w.sync(); (w, r) }).await.0;
+                        // Not with the writer moved to a blocking thread,
+                        // as it was: appends then waited for the whole
+                        // fdatasync every `fsync_interval_ms` (the MQTT
+                        // fan-in p99 at 20,000 msg/s was 0.9-1.3 ms under
+                        // `interval` against 0.6 under `group`).
+                        self.spawn_sync(&mut pipe);
                         continue;
                     }
                 },
@@ -1671,10 +1676,21 @@ impl Writer {
             && !self.should_roll(len)
     }
 
-    /// Starts an fdatasync covering every append written so far, unless
-    /// one is running (its completion starts the next).
+    /// Starts an fdatasync covering every append written so far, if an
+    /// append waits for one, unless one is running (its completion starts
+    /// the next).
     fn start_sync(&mut self, pipe: &mut SyncPipe) {
-        if pipe.inflight.is_some() || pipe.waiting.is_empty() {
+        if !pipe.waiting.is_empty() {
+            self.spawn_sync(pipe);
+        }
+    }
+
+    /// Starts an fdatasync covering everything written so far on a
+    /// blocking thread, unless one is running; the writer goes on writing
+    /// meanwhile. Under `interval` (nobody waits) its completion only moves
+    /// the durable end.
+    fn spawn_sync(&mut self, pipe: &mut SyncPipe) {
+        if pipe.inflight.is_some() {
             return;
         }
         if self.failed {
