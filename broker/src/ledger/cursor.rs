@@ -265,6 +265,12 @@ impl Cursor {
         if r.end <= st.mark_delete {
             return;
         }
+        if r.start <= st.mark_delete && st.acked.is_empty() {
+            // In order, the usual case: no set to update.
+            st.mark_delete = r.end;
+            st.version += 1;
+            return;
+        }
         let r = r.start.max(st.mark_delete)..r.end;
         st.acked.insert(r);
         let md = st.mark_delete;
