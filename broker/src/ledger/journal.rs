@@ -51,6 +51,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,10 +69,6 @@ const PREFIX: usize = 8;
 const FIXED: usize = 4 * 8 + 2;
 /// Bytes queued that end a round's wait early.
 const ROUND_BYTES: usize = 1 << 20;
-
-/// Smallest step of zeros written ahead of the journal file's end at a
-/// time (see `Active::zero_ahead`).
-const ZERO_STEP: u64 = 64 * 1024;
 const DIR: &str = "journal";
 const EXT: &str = "jnl";
 
@@ -337,6 +334,11 @@ struct Active {
     pos: u64,
     /// The file holds zeros from `pos` up to here.
     zeroed: u64,
+    /// The journal thread is writing to the file (the zeros written in the
+    /// background give way, see [`segment::write_zeros_behind`]).
+    appending: Arc<AtomicBool>,
+    /// Zeros being written ahead in the background, up to the end it returns.
+    zeroing: Option<JoinHandle<std::io::Result<u64>>>,
     /// The segments this file's records went to (by address), with their
     /// ledger's drop-behind distance.
     touched: HashMap<usize, (Arc<Segment>, u64)>,
@@ -363,12 +365,28 @@ impl Active {
             file: Arc::new(file),
             pos: 0,
             zeroed: step,
+            appending: Arc::new(AtomicBool::new(false)),
+            zeroing: None,
             touched: HashMap::new(),
         })
     }
 
+    /// Takes the result of the zeros written in the background, if any.
+    fn join_zeros(&mut self) -> std::io::Result<()> {
+        if let Some(h) = self.zeroing.take() {
+            match h.join() {
+                Ok(r) => self.zeroed = self.zeroed.max(r?),
+                Err(p) => std::panic::resume_unwind(p),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes sure the file holds bytes up to `end` before a write there.
     fn ensure(&mut self, end: u64, step: u64) -> std::io::Result<()> {
+        if end > self.zeroed {
+            self.join_zeros()?;
+        }
         if end > self.zeroed {
             let to = end.div_ceil(step) * step;
             segment::write_zeros(&self.file, self.zeroed, to)?;
@@ -377,28 +395,28 @@ impl Active {
         Ok(())
     }
 
-    /// Adds [`ZERO_STEP`] bytes of zeros (or the `consumed` bytes the last
-    /// round took, if more) once less than half a step is left ahead, on
-    /// the journal thread between rounds. Not on a thread of
-    /// its own, as it was: the write of a round then waited for the file's
-    /// inode lock behind the zeros (up to 1.8 ms, measured with
-    /// `perf sched`), and the round's fdatasync wrote them too.
-    fn zero_ahead(&mut self, step: u64, limit: u64, consumed: u64) {
-        if self.zeroed - self.pos >= step / 2 || self.zeroed >= limit {
+    /// Starts writing the next step of zeros once less than half a step
+    /// is left ahead.
+    fn zero_ahead(&mut self, step: u64, limit: u64) {
+        if self.zeroing.is_some() || self.zeroed - self.pos >= step / 2 || self.zeroed >= limit {
             return;
         }
-        let to = (self.zeroed + consumed.div_ceil(ZERO_STEP).max(1) * ZERO_STEP).min(limit);
-        match segment::write_zeros(&self.file, self.zeroed, to) {
-            Ok(()) => self.zeroed = to,
-            Err(e) => tracing::warn!(journal = %self.path.display(), error = %e,
-                "zeroing ahead failed"),
-        }
+        let (file, appending, from, to) = (
+            self.file.clone(),
+            self.appending.clone(),
+            self.zeroed,
+            (self.zeroed + step).min(limit),
+        );
+        self.zeroing = Some(std::thread::spawn(move || {
+            segment::write_zeros_behind(&file, &appending, from, to).map(|()| to)
+        }));
     }
 
     /// Syncs the segments this file's records went to, then deletes it (on
     /// a thread of its own: the journal goes on with the next file).
-    fn checkpoint(self, dir: PathBuf) {
+    fn checkpoint(mut self, dir: PathBuf) {
         std::thread::spawn(move || {
+            let _ = self.join_zeros();
             let t0 = Instant::now();
             for (seg, keep) in self.touched.values() {
                 let size = seg.visible_size.load(std::sync::atomic::Ordering::Acquire);
@@ -500,10 +518,6 @@ impl Committer {
                 }
             }
             last_end = Instant::now();
-            // Within the spacing before the next round.
-            let limit = self.options.file_bytes.max(self.active.pos);
-            self.active
-                .zero_ahead(self.step, limit, self.buf.len() as u64);
         }
     }
 
@@ -532,7 +546,10 @@ impl Committer {
         let end = self.active.pos + self.buf.len() as u64;
         let t0 = Instant::now();
         self.active.ensure(end, self.step)?;
-        self.active.file.write_all_at(&self.buf, self.active.pos)?;
+        self.active.appending.store(true, Ordering::Release);
+        let written = self.active.file.write_all_at(&self.buf, self.active.pos);
+        self.active.appending.store(false, Ordering::Release);
+        written?;
         let t1 = Instant::now();
         self.active.file.sync_data()?;
         let synced = t1.elapsed();
@@ -553,6 +570,8 @@ impl Committer {
                 .entry(at)
                 .or_insert_with(|| (r.seg.clone(), r.ledger.options.drop_behind_bytes));
         }
+        let limit = self.options.file_bytes.max(end);
+        self.active.zero_ahead(self.step, limit);
         Ok(())
     }
 }

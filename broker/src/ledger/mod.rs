@@ -1371,10 +1371,6 @@ fn load_cursors(path: &Path) -> Result<HashMap<String, Arc<Cursor>>> {
 /// `Writer::fits_inline`); larger ones go to a blocking thread.
 const INLINE_WRITE_MAX: usize = 64 * 1024;
 
-/// Smallest step of zeros the writer adds ahead of a segment's end at a
-/// time (see `Writer::zero_step`).
-const ZERO_STEP: u64 = 16 * 1024;
-
 type AppendReply = oneshot::Sender<Result<Appended>>;
 
 /// Group commit under the `group` policy, decoupled from writing: runs are
@@ -1409,6 +1405,30 @@ impl SyncPipe {
     async fn wait(&mut self) -> (std::io::Result<()>, Duration) {
         match self.inflight.as_mut() {
             Some((h, _, _)) => joined(h).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Zeros being written ahead of the active segment's end in the background
+/// (see `Writer::start_zeros`): the task, the segment, the zeroed end when
+/// it started, and the end it zeroes to.
+#[derive(Default)]
+struct ZeroAhead {
+    #[allow(clippy::type_complexity)]
+    inflight: Option<(
+        tokio::task::JoinHandle<std::io::Result<()>>,
+        Arc<Segment>,
+        u64,
+        u64,
+    )>,
+}
+
+impl ZeroAhead {
+    /// Waits for the zeros being written (pending forever if none).
+    async fn wait(&mut self) -> std::io::Result<()> {
+        match self.inflight.as_mut() {
+            Some((h, _, _, _)) => joined(h).await,
             None => std::future::pending().await,
         }
     }
@@ -1490,6 +1510,7 @@ impl Writer {
         let mut tick = tokio::time::interval(Duration::from_millis(self.policy.fsync_interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pipe = SyncPipe::default();
+        let mut zeros = ZeroAhead::default();
         loop {
             let interval = self.policy.fsync == FsyncPolicy::Interval;
             let cmd = match pending.take() {
@@ -1506,6 +1527,10 @@ impl Writer {
                     r = pipe.wait(), if pipe.inflight.is_some() => {
                         self.finish_sync(r, &mut pipe);
                         self.start_sync(&mut pipe);
+                        continue;
+                    }
+                    r = zeros.wait(), if zeros.inflight.is_some() => {
+                        self.finish_zeros(r, &mut zeros);
                         continue;
                     }
                     _ = tick.tick(), if self.dirty && interval => {
@@ -1556,6 +1581,7 @@ impl Writer {
                         r
                     } else {
                         // It may zero ahead or roll over itself.
+                        self.settle_zeros(&mut zeros).await;
                         let (w, r) = self
                             .blocking(move |mut w| {
                                 let r = w.write_batch(&entries);
@@ -1587,12 +1613,7 @@ impl Writer {
                         });
                     }
                     self.start_sync(&mut pipe);
-                    if self.zeros_short() {
-                        // What this run woke (the readers of the ledger)
-                        // runs first.
-                        tokio::task::yield_now().await;
-                        self.zero_step(bytes as u64);
-                    }
+                    self.start_zeros(&mut zeros);
                 }
                 Command::Trim { before, reply } => {
                     let (w, r) = self
@@ -1639,6 +1660,7 @@ impl Writer {
                 }
                 Command::Close { reply } => {
                     self.settle(&mut pipe).await;
+                    self.settle_zeros(&mut zeros).await;
                     let (w, _) = self
                         .blocking(|mut w| {
                             let r = w.sync();
@@ -1663,7 +1685,8 @@ impl Writer {
     /// Whether `entries` can be written on the writer's task instead of a
     /// blocking thread: a small run into the zeros already ahead of the
     /// segment's end, without a rollover. Such a write copies into pages
-    /// that exist.
+    /// that exist; the zeros being extended in the background give way to
+    /// it (at worst it waits for one of their 8 KiB writes).
     fn fits_inline(&self, entries: &[AppendEntry]) -> bool {
         let len: usize = entries
             .iter()
@@ -1756,41 +1779,55 @@ impl Writer {
         }
     }
 
-    /// Whether fewer than [`segment::ZERO_AHEAD`] bytes of zeros are left
-    /// ahead of the active segment's end (and the segment has room for more).
-    fn zeros_short(&self) -> bool {
+    /// Extends the zeros ahead of the segment's end on a blocking thread
+    /// once fewer than [`segment::ZERO_AHEAD`] bytes of them are left, so
+    /// that appends keep landing in pages that already exist instead of
+    /// stopping for a step of zeros (measured: about 2.5 ms for 1 MiB into
+    /// memory the VM had not touched yet, which was the MQTT p99). The
+    /// thread writes them in small pieces and gives way to the appends
+    /// (see [`segment::write_zeros_behind`]).
+    fn start_zeros(&mut self, zeros: &mut ZeroAhead) {
+        if zeros.inflight.is_some() || self.failed {
+            return;
+        }
+        let step = segment::ZERO_AHEAD;
         let from = self.zeroed_to.max(self.size);
-        !self.failed
-            && from - self.size < segment::ZERO_AHEAD
-            && from < self.policy.segment_bytes.max(self.size)
-    }
-
-    /// Extends the zeros ahead of the segment's end by one step, on the
-    /// writer's own task: [`ZERO_STEP`], or the `consumed` bytes the last
-    /// run took from them if more, so that small runs keep landing in
-    /// pages that already exist instead of stopping for a step of zeros
-    /// (measured: about 2.5 ms for 1 MiB into memory the VM had not
-    /// touched yet, which was the MQTT p99).
-    ///
-    /// Not on a thread of its own, as it was: a buffered write holds the
-    /// file's inode lock for its whole length, and the appends on the
-    /// writer's task then waited for the zeros (up to 2.6 ms, about four
-    /// times a second with MQTT fan-in at 20,000 messages/s, measured with
-    /// `perf sched`: runtime workers blocked in `pwrite` -> `down_write`,
-    /// the zeroing thread preempted while holding the lock). Here the file
-    /// has one writer, and a step costs the task tens of microseconds.
-    fn zero_step(&mut self, consumed: u64) {
-        let from = self.zeroed_to.max(self.size);
-        let step = consumed.div_ceil(ZERO_STEP).max(1) * ZERO_STEP;
+        if from - self.size >= step {
+            return;
+        }
         let to = (from + step).min(self.policy.segment_bytes.max(self.size));
         if to <= from {
             return;
         }
-        match segment::write_zeros(&self.active.file, from, to) {
-            Ok(()) => self.zeroed_to = to,
+        let seg = self.active.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            segment::write_zeros_behind(&seg.file, &seg.appending, from, to)
+        });
+        zeros.inflight = Some((handle, self.active.clone(), self.zeroed_to, to));
+    }
+
+    /// Takes the zeros written in the background as the new zeroed end, if
+    /// nothing changed the segment or its end meanwhile.
+    fn finish_zeros(&mut self, r: std::io::Result<()>, zeros: &mut ZeroAhead) {
+        let Some((_, seg, was, to)) = zeros.inflight.take() else {
+            return;
+        };
+        match r {
+            Ok(()) if Arc::ptr_eq(&seg, &self.active) && self.zeroed_to == was => {
+                self.zeroed_to = to;
+            }
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!(ledger = %self.ledger.name, error = %e, "zeroing ahead failed");
             }
+        }
+    }
+
+    /// Waits for the zeros being written in the background, if any.
+    async fn settle_zeros(&mut self, zeros: &mut ZeroAhead) {
+        if zeros.inflight.is_some() {
+            let r = zeros.wait().await;
+            self.finish_zeros(r, zeros);
         }
     }
 
@@ -1993,9 +2030,10 @@ impl Writer {
             }
             let t0 = Instant::now();
             let end = start_size + self.buf.len() as u64;
-            let write = self
-                .zero_ahead(end)
-                .and_then(|()| self.active.file.write_all_at(&self.buf, start_size));
+            let write = self.zero_ahead(end).and_then(|()| {
+                let _appending = self.active.appending();
+                self.active.file.write_all_at(&self.buf, start_size)
+            });
             let written = t0.elapsed();
             self.ledger
                 .metrics

@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use bytes::{Bytes, BytesMut};
@@ -357,6 +357,8 @@ pub(crate) struct Segment {
     /// Below this position the segment's pages were last dropped from the
     /// page cache ([`Segment::drop_cached_below`]).
     dropped_to: AtomicU64,
+    /// The writer is writing to the file (see [`write_zeros_behind`]).
+    pub(crate) appending: AtomicBool,
 }
 
 /// The fewest bytes [`Segment::drop_cached_below`] drops at once (fewer
@@ -396,9 +398,62 @@ pub(crate) struct ScanResult {
 /// when the segment is sealed or recovered.
 pub(crate) const ZERO_AHEAD: u64 = 1 << 20;
 
+/// See [`Segment::appending`].
+pub(crate) struct Appending<'a>(&'a Segment);
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.appending.store(false, Ordering::Release);
+    }
+}
+
+/// Bytes of zeros per write of [`write_zeros_behind`].
+const BEHIND_CHUNK: u64 = 8 * 1024;
+
+/// Writes zeros to `file` over `from..to` from a thread of its own while
+/// another thread appends below `from`: in [`BEHIND_CHUNK`] pieces, none
+/// started while `appending` says that thread is writing (a segment's
+/// writer, see [`Segment::appending`], or the journal's).
+///
+/// Why: a buffered write holds the file's inode lock for its whole length.
+/// Written in 64 KiB pieces back to back, a 1 MiB step of zeros kept the
+/// writer, a runtime worker, off the file for up to 2.6 ms, about four
+/// times a second with MQTT fan-in at 20,000 messages/s (`perf sched`:
+/// workers blocked in `pwrite` -> `down_write`; the kernel let the zeroing
+/// thread take the lock back before the woken writer ran, or preempted it
+/// while it held the lock). Now an append waits at most for one 8 KiB
+/// write, unless the zeroing thread is preempted in the middle of it.
+/// Writing the zeros on the writer's own task instead avoids even that,
+/// but costs the writer as much again for every byte appended: 1 KiB
+/// appends under `group` went from 164k to 119k/s in `ledger-bench`.
+pub(crate) fn write_zeros_behind(
+    file: &File,
+    appending: &AtomicBool,
+    from: u64,
+    to: u64,
+) -> io::Result<()> {
+    let mut pos = from;
+    while pos < to {
+        let mut spins = 0u32;
+        while appending.load(Ordering::Acquire) {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let n = (to - pos).min(BEHIND_CHUNK) as usize;
+        file.write_all_at(&ZEROS[..n], pos)?;
+        pos += n as u64;
+    }
+    Ok(())
+}
+
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
 /// Writes zeros to `file` over `from..to`.
 pub(crate) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut pos = from;
     while pos < to {
         let n = (to - pos).min(ZEROS.len() as u64) as usize;
@@ -503,6 +558,14 @@ pub(crate) fn scan(
 }
 
 impl Segment {
+    /// Marks the writer as writing to the file until the guard drops, so
+    /// that zeros written in the background give way
+    /// ([`write_zeros_behind`]).
+    pub(crate) fn appending(&self) -> Appending<'_> {
+        self.appending.store(true, Ordering::Release);
+        Appending(self)
+    }
+
     /// Opens an existing segment file for reading and writing.
     pub(crate) fn open_file(path: &Path) -> Result<File> {
         OpenOptions::new()
@@ -535,6 +598,7 @@ impl Segment {
             max_timestamp: AtomicI64::new(i64::MIN),
             index: RwLock::new(Vec::new()),
             dropped_to: AtomicU64::new(0),
+            appending: AtomicBool::new(false),
         })
     }
 
@@ -548,6 +612,7 @@ impl Segment {
             max_timestamp: AtomicI64::new(s.max_timestamp),
             index: RwLock::new(s.index),
             dropped_to: AtomicU64::new(0),
+            appending: AtomicBool::new(false),
         }
     }
 
