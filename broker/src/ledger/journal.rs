@@ -51,7 +51,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -546,10 +546,10 @@ impl Committer {
         let end = self.active.pos + self.buf.len() as u64;
         let t0 = Instant::now();
         self.active.ensure(end, self.step)?;
-        self.active.appending.store(true, Ordering::Release);
-        let written = self.active.file.write_all_at(&self.buf, self.active.pos);
-        self.active.appending.store(false, Ordering::Release);
-        written?;
+        {
+            let _appending = segment::Appending::set(&self.active.appending);
+            self.active.file.write_all_at(&self.buf, self.active.pos)?;
+        }
         let t1 = Instant::now();
         self.active.file.sync_data()?;
         let synced = t1.elapsed();

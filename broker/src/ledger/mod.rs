@@ -2031,7 +2031,7 @@ impl Writer {
             let t0 = Instant::now();
             let end = start_size + self.buf.len() as u64;
             let write = self.zero_ahead(end).and_then(|()| {
-                let _appending = self.active.appending();
+                let _appending = segment::Appending::set(&self.active.appending);
                 self.active.file.write_all_at(&self.buf, start_size)
             });
             let written = t0.elapsed();

@@ -357,7 +357,7 @@ pub(crate) struct Segment {
     /// Below this position the segment's pages were last dropped from the
     /// page cache ([`Segment::drop_cached_below`]).
     dropped_to: AtomicU64,
-    /// The writer is writing to the file (see [`write_zeros_behind`]).
+    /// The writer is writing to the file (see [`Appending`]).
     pub(crate) appending: AtomicBool,
 }
 
@@ -398,12 +398,22 @@ pub(crate) struct ScanResult {
 /// when the segment is sealed or recovered.
 pub(crate) const ZERO_AHEAD: u64 = 1 << 20;
 
-/// See [`Segment::appending`].
-pub(crate) struct Appending<'a>(&'a Segment);
+/// Says a thread is writing to a file until it drops, so that zeros
+/// written ahead of the file's end in the background give way
+/// ([`write_zeros_behind`]).
+pub(crate) struct Appending<'a>(&'a AtomicBool);
+
+impl Appending<'_> {
+    /// Sets `flag` until the guard drops.
+    pub(crate) fn set(flag: &AtomicBool) -> Appending<'_> {
+        flag.store(true, Ordering::Release);
+        Appending(flag)
+    }
+}
 
 impl Drop for Appending<'_> {
     fn drop(&mut self) {
-        self.0.appending.store(false, Ordering::Release);
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -558,14 +568,6 @@ pub(crate) fn scan(
 }
 
 impl Segment {
-    /// Marks the writer as writing to the file until the guard drops, so
-    /// that zeros written in the background give way
-    /// ([`write_zeros_behind`]).
-    pub(crate) fn appending(&self) -> Appending<'_> {
-        self.appending.store(true, Ordering::Release);
-        Appending(self)
-    }
-
     /// Opens an existing segment file for reading and writing.
     pub(crate) fn open_file(path: &Path) -> Result<File> {
         OpenOptions::new()
