@@ -1,8 +1,9 @@
 //! The shared journal: small group-commit appends are made durable by it,
 //! its replay restores what the segments lost in a crash (the page cache
 //! lost with the machine is simulated by cutting the segment file back),
-//! a topic deleted and created again is not replayed into, and full
-//! journal files are checkpointed and deleted.
+//! a topic deleted and created again is not replayed into, full journal
+//! files are checkpointed and deleted (and one a crash left half deleted
+//! is not replayed), and journaled segments get no zeros ahead.
 
 mod common;
 
@@ -71,8 +72,7 @@ fn append_and_crash(root: &Path, dir: &Path, n: u32, file_bytes: u64) -> (u64, u
 }
 
 /// What the machine loses with its page cache: the segment keeps only
-/// its first `keep` bytes (the first entry, synced by the segment itself
-/// before the zeros ahead existed).
+/// its first `keep` bytes (the first entry).
 fn lose_unsynced_pages(dir: &Path, keep: u64) {
     std::fs::OpenOptions::new()
         .write(true)
@@ -207,6 +207,65 @@ fn full_journal_files_are_checkpointed_and_deleted() {
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), options(&j));
         assert_holds_all(&l, n).await;
+        l.close().await;
+    });
+}
+
+/// A checkpoint renames its synced journal file (`.del`) before freeing
+/// it a step at a time. One that a crash left behind is removed at start,
+/// never replayed: here its records would bring back the entries the
+/// segment was cut to lose.
+#[test]
+fn a_journal_file_left_half_deleted_is_removed_not_replayed() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ledgers/t/0");
+    let (first_end, _) = append_and_crash(root.path(), &dir, 50, 64 << 20);
+    let jdir = root.path().join("journal");
+    let files: Vec<PathBuf> = std::fs::read_dir(&jdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let doomed = files[0].with_extension("del");
+    std::fs::rename(&files[0], &doomed).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&doomed)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    lose_unsynced_pages(&dir, first_end);
+
+    let j = journal(root.path(), 64 << 20);
+    let rt = runtime();
+    rt.block_on(async {
+        let l = open_with(&dir, policy(64 << 20), options(&j));
+        assert_eq!(l.end_offset(), 1, "a file being deleted was replayed");
+        l.close().await;
+    });
+    assert!(!doomed.exists(), "the half-deleted file is still there");
+}
+
+/// A journaled run is made durable by the journal, so its segment gets no
+/// zeros ahead (they spare only a segment's own fdatasync an inode write):
+/// the file ends at its last entry, also while the ledger is open.
+#[test]
+fn journaled_segments_get_no_zeros_ahead() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("ledgers/t/0");
+    let j = journal(root.path(), 64 << 20);
+    let rt = runtime();
+    rt.block_on(async {
+        let l = open_with(&dir, policy(64 << 20), options(&j));
+        for i in 0..300 {
+            l.append(entry(payload(i), 1, 0)).await.unwrap();
+        }
+        assert!(l.stats().fsyncs < 10, "not made durable by the journal");
+        let logical = l.stats().size_bytes;
+        let on_disk = std::fs::metadata(segment0(&dir)).unwrap().len();
+        assert_eq!(on_disk, logical, "bytes after the last entry");
+        assert_eq!(read_all(&l).await.len(), 300);
         l.close().await;
     });
 }
