@@ -7,10 +7,11 @@
 //! channel; the writer takes everything queued and writes it with one
 //! `write` (a small run on the writer's own task; a large one, one that
 //! rolls the segment over or one that would first need zeros ahead, see
-//! `Writer::zeros_wanted`, on a blocking thread). Under [`FsyncPolicy::Group`] writing and syncing are
-//! decoupled: one `fdatasync` at a time runs on a blocking thread and
-//! completes every append written before it started, while the writer goes
-//! on writing what arrives meanwhile (acknowledged by the next one). With
+//! `Writer::zeros_wanted`, on a blocking thread). Under
+//! [`FsyncPolicy::Group`] writing and syncing are decoupled: one
+//! `fdatasync` at a time runs on a blocking thread and completes every
+//! append written before it started, while the writer goes on writing what
+//! arrives meanwhile (acknowledged by the next one). With
 //! the broker's [`journal`], small runs are made durable by it instead
 //! (one fdatasync for the small runs of all ledgers).
 //! Readers never take the writer's path: they

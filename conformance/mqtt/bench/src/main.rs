@@ -5,7 +5,8 @@
 //! mqtt-bench --broker NAME=PORT:PID [--broker ...] [--baseline NAME]
 //!            [--seconds 5] [--size 64] [--window 32] [--conns 10000]
 //!            [--only TEXT]   (only the load rows whose name contains TEXT)
-//!            [--rate 20000]  (deliveries/s of the fixed-rate rows; 0: none)
+//!            [--rate 20000,50000]  (deliveries/s of the fixed-rate rows,
+//!                                   one set of rows per rate; 0: none)
 //! ```
 //!
 //! For each broker, one after the other:
@@ -20,8 +21,8 @@
 //!   payload carries the send time; one process, one clock); broker CPU
 //!   is the broker process's user + system time (all threads, from
 //!   `/proc/PID/stat`) over the measured seconds per delivered message;
-//! - three more QoS 1 runs at a fixed rate (`--rate` deliveries/s in all,
-//!   one every broker sustains; each publisher sends on a schedule, still
+//! - three more QoS 1 runs per fixed rate (`--rate` deliveries/s in all,
+//!   rates every broker sustains; each publisher sends on a schedule, still
 //!   bounded by the window, woken on time by a pacer thread, and a
 //!   message's latency counts from when it was due): latency at the same
 //!   load, where the closed-loop rows compare each broker at its own
@@ -620,7 +621,7 @@ struct Broker {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT] [--rate R] [--repeat N]");
+    eprintln!("usage: mqtt-bench --broker NAME=PORT:PID [...] [--baseline NAME] [--seconds S] [--size B] [--window W] [--conns N] [--only TEXT] [--rate R[,R...]] [--repeat N]");
     std::process::exit(2)
 }
 
@@ -646,7 +647,7 @@ async fn main() {
     let (mut baseline, mut secs, mut size, mut window, mut conns) =
         (None, 5.0, 64usize, 32u64, 10_000usize);
     let mut only: Option<String> = None;
-    let mut rate = 20_000.0;
+    let mut rates = vec![20_000.0, 50_000.0];
     let mut repeat = 1usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -668,7 +669,13 @@ async fn main() {
             "--window" => window = v().parse().unwrap_or_else(|_| usage()),
             "--conns" => conns = v().parse().unwrap_or_else(|_| usage()),
             "--only" => only = Some(v()),
-            "--rate" => rate = v().parse().unwrap_or_else(|_| usage()),
+            "--rate" => {
+                rates = v()
+                    .split(',')
+                    .map(|r| r.trim().parse::<f64>().unwrap_or_else(|_| usage()))
+                    .filter(|r| *r > 0.0)
+                    .collect();
+            }
             "--repeat" => repeat = v().parse::<usize>().unwrap_or_else(|_| usage()).max(1),
             _ => usage(),
         }
@@ -686,7 +693,7 @@ async fn main() {
             rows.push((format!("{} QoS {qos}", shape.name), shape, qos, 0.0));
         }
     }
-    if rate > 0.0 {
+    for &rate in &rates {
         for shape in SHAPES {
             rows.push((
                 format!("{} QoS 1 at {rate:.0} msg/s", shape.name),
