@@ -33,6 +33,12 @@ fn journal(root: &Path, file_bytes: u64) -> Arc<Journal> {
     .expect("journal opens")
 }
 
+/// A partition directory under `root`, with a journal of 64 MiB files
+/// open there and a runtime.
+fn setup(root: &Path) -> (PathBuf, Arc<Journal>, tokio::runtime::Runtime) {
+    (root.join("ledgers/t/0"), journal(root, 64 << 20), runtime())
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -143,9 +149,7 @@ fn replay_restores_acknowledged_appends_the_segment_lost() {
 #[test]
 fn a_topic_created_again_is_not_replayed_into() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("ledgers/t/0");
-    let j = journal(root.path(), 64 << 20);
-    let rt = runtime();
+    let (dir, j, rt) = setup(root.path());
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), options(&j));
         for i in 0..50 {
@@ -253,9 +257,7 @@ fn a_journal_file_left_half_deleted_is_removed_not_replayed() {
 #[test]
 fn journaled_segments_get_no_zeros_ahead() {
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("ledgers/t/0");
-    let j = journal(root.path(), 64 << 20);
-    let rt = runtime();
+    let (dir, j, rt) = setup(root.path());
     rt.block_on(async {
         let l = open_with(&dir, policy(64 << 20), options(&j));
         for i in 0..300 {

@@ -248,12 +248,16 @@ fn delete_gradually(path: &Path) -> std::io::Result<()> {
     fs::remove_file(path)
 }
 
-/// Removes what a checkpoint was deleting when the process stopped.
+/// Removes what a checkpoint was deleting when the process stopped (a
+/// file that cannot be removed is only logged: it is never replayed).
 fn remove_deleted(dir: &Path) -> Result<()> {
     for e in fs::read_dir(dir).map_err(|e| BrokerError::io(dir, e))? {
         let path = e.map_err(|e| BrokerError::io(dir, e))?.path();
         if path.extension().is_some_and(|x| x == DELETED_EXT) {
-            fs::remove_file(&path).map_err(|e| BrokerError::io(&path, e))?;
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e,
+                    "could not remove a checkpointed journal file");
+            }
         }
     }
     Ok(())

@@ -370,6 +370,20 @@ const DROP_STEP: u64 = 1 << 20;
 /// once.
 const WRITE_BACK_STEP: u64 = 128 * 1024;
 
+/// Moves the watermark `mark` up to the page boundary at or below `upto`
+/// if that is at least `step` bytes further, and returns the pages it
+/// passed (`from..upto`); `None` if they are too few, or another thread
+/// moved the mark first (it handles them).
+fn claim_pages(mark: &AtomicU64, upto: u64, step: u64) -> Option<(u64, u64)> {
+    let upto = upto & !4095;
+    let from = mark.load(Ordering::Acquire);
+    (upto >= from.saturating_add(step)
+        && mark
+            .compare_exchange(from, upto, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok())
+    .then_some((from, upto))
+}
+
 pub(crate) fn segment_path(dir: &Path, base: u64, ext: &str) -> PathBuf {
     dir.join(format!("{base:020}.{ext}"))
 }
@@ -575,17 +589,9 @@ impl Segment {
     /// of dropped data read it back from the file, which is correct, only
     /// slower.
     pub(crate) fn drop_cached_below(&self, upto: u64) {
-        let upto = upto & !4095;
-        let from = self.dropped_to.load(Ordering::Acquire);
-        if upto < from.saturating_add(DROP_STEP)
-            || self
-                .dropped_to
-                .compare_exchange(from, upto, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
-            return;
+        if let Some((from, upto)) = claim_pages(&self.dropped_to, upto, DROP_STEP) {
+            advise_dontneed(&self.file, from, upto - from);
         }
-        advise_dontneed(&self.file, from, upto - from);
     }
 
     /// Starts writing the segment's whole pages below `upto` to the disk
@@ -602,16 +608,9 @@ impl Segment {
     #[allow(unsafe_code)]
     pub(crate) fn write_back_below(&self, upto: u64) {
         use std::os::fd::AsRawFd;
-        let upto = upto & !4095;
-        let from = self.written_back_to.load(Ordering::Acquire);
-        if upto < from.saturating_add(WRITE_BACK_STEP)
-            || self
-                .written_back_to
-                .compare_exchange(from, upto, Ordering::AcqRel, Ordering::Acquire)
-                .is_err()
-        {
+        let Some((from, upto)) = claim_pages(&self.written_back_to, upto, WRITE_BACK_STEP) else {
             return;
-        }
+        };
         let (Ok(off), Ok(len)) = (
             libc::off64_t::try_from(from),
             libc::off64_t::try_from(upto - from),
