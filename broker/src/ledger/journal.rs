@@ -371,7 +371,7 @@ fn replay(root: &Path, dir: &Path) -> Result<Replayed> {
 struct Active {
     seq: u64,
     path: PathBuf,
-    file: Arc<File>,
+    file: File,
     /// Where the next round goes.
     pos: u64,
     /// The file holds zeros from `pos` up to here.
@@ -399,7 +399,7 @@ impl Active {
         Ok(Active {
             seq,
             path,
-            file: Arc::new(file),
+            file,
             pos: 0,
             zeroed: step,
             touched: HashMap::new(),
