@@ -106,9 +106,9 @@ async fn the_zeros_kept_ahead_of_appends_are_the_clean_end_after_a_crash() {
 
 #[tokio::test]
 async fn small_appends_past_the_first_mebibyte_keep_zeros_ahead_and_their_bytes() {
-    // The zeros are extended while the appends go on (a thread writes them
-    // in small pieces between the writer's writes); none may land on an
-    // entry, and they must keep ahead of 3 MiB of small appends.
+    // The writer extends the zeros in steps between runs (this ledger has
+    // no journal, so its segment keeps zeros ahead); none of them may land
+    // on an entry, and they must keep ahead of 3 MiB of small appends.
     let dir = tempfile::tempdir().unwrap();
     let seg = dir.path().join("00000000000000000000.log");
     let l = open(dir.path(), policy(64 << 20));

@@ -1567,7 +1567,7 @@ impl Writer {
                         r
                     };
                     let run = self.kept_run.take();
-                    let zeros = run.is_none() && self.zeros_wanted(false) && self.zeros_short();
+                    let zeros = self.zeros_wanted(run.is_some()) && self.zeros_short();
                     let mut journaled = Vec::new();
                     for (reply, r) in replies.into_iter().zip(results) {
                         match r {

@@ -420,10 +420,9 @@ pub(crate) struct ScanResult {
 /// and dropped when the segment is sealed or recovered.
 pub(crate) const ZERO_AHEAD: u64 = 1 << 20;
 
-static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-
 /// Writes zeros to `file` over `from..to`.
 pub(crate) fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     let mut pos = from;
     while pos < to {
         let n = (to - pos).min(ZEROS.len() as u64) as usize;
